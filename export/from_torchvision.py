@@ -1,0 +1,305 @@
+"""Export a torchvision backbone with a pooling + linear head to the realtime-cam contract.
+
+Needs the ``export`` extra (torch, torchvision, onnxscript). The runtime never imports this module
+except to export a missing default model on ``realtime-cam run``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import urllib.error
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+import torchvision
+from torch import nn
+
+from realtime_cam.contract import ModelInfo, default_labels, write_contract
+from realtime_cam.errors import ExportError
+
+from .checks import check_contract_file, replace_atomically
+
+
+class TwoOutputs(nn.Module):
+    """features = backbone(x); logits = head(mean_hw(features)): the CAM form of a GAP + linear network."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone(x)
+        return self.head(features.mean(dim=(2, 3))), features
+
+
+class _GoogLeNetBackbone(nn.Module):
+    """GoogLeNet up to inception5b, with its input transform (on when built with pretrained weights)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = n._transform_input(x)
+        for name in ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b",
+                     "maxpool3", "inception4a", "inception4b", "inception4c", "inception4d", "inception4e",
+                     "maxpool4", "inception5a", "inception5b"):
+            x = getattr(n, name)(x)
+        return x
+
+
+def _only_linear(classifier: nn.Module, arch: str) -> nn.Linear:
+    """The single Linear of a classifier that is (Dropout...) + Linear; refuse anything more."""
+    layers = list(classifier.children()) if isinstance(classifier, nn.Sequential) else [classifier]
+    linears = [m for m in layers if isinstance(m, nn.Linear)]
+    others = [type(m).__name__ for m in layers if not isinstance(m, (nn.Linear, nn.Dropout))]
+    if len(linears) != 1 or others or not isinstance(layers[-1], nn.Linear):
+        found = " -> ".join(type(m).__name__ for m in layers)
+        raise ExportError(f"{arch}: its head after pooling is {found}, not one linear layer; CAM needs GAP + linear")
+    return linears[0]
+
+
+def _split_children(model: nn.Module, arch: str) -> tuple[nn.Module, nn.Linear]:
+    # resnet*, resnext*, wide_resnet*, regnet_*: [..., avgpool, fc]
+    children = list(model.children())
+    return nn.Sequential(*children[:-2]), _only_linear(model.fc, arch)
+
+
+def _split_features_classifier(model: nn.Module, arch: str) -> tuple[nn.Module, nn.Linear]:
+    # mobilenet_v2, efficientnet_*: features -> avgpool -> flatten -> classifier (Dropout, Linear)
+    return model.features, _only_linear(model.classifier, arch)
+
+
+def _split_densenet(model: nn.Module, arch: str) -> tuple[nn.Module, nn.Linear]:
+    # DenseNet applies ReLU functionally between features and pooling.
+    return nn.Sequential(model.features, nn.ReLU(inplace=False)), _only_linear(model.classifier, arch)
+
+
+def _split_googlenet(model: nn.Module, arch: str) -> tuple[nn.Module, nn.Linear]:
+    return _GoogLeNetBackbone(model), _only_linear(model.fc, arch)
+
+
+def _split_shufflenet(model: nn.Module, arch: str) -> tuple[nn.Module, nn.Linear]:
+    backbone = nn.Sequential(model.conv1, model.maxpool, model.stage2, model.stage3, model.stage4, model.conv5)
+    return backbone, _only_linear(model.fc, arch)
+
+
+def _split_mnasnet(model: nn.Module, arch: str) -> tuple[nn.Module, nn.Linear]:
+    return model.layers, _only_linear(model.classifier, arch)
+
+
+# Family prefix -> how to split the network into (pre-pooling backbone, linear head).
+FAMILIES: dict[str, Callable[[nn.Module, str], tuple[nn.Module, nn.Linear]]] = {
+    "resnet": _split_children,
+    "resnext": _split_children,
+    "wide_resnet": _split_children,
+    "regnet_": _split_children,
+    "densenet": _split_densenet,
+    "mobilenet_v2": _split_features_classifier,
+    "efficientnet_": _split_features_classifier,
+    "googlenet": _split_googlenet,
+    "shufflenet_v2": _split_shufflenet,
+    "mnasnet": _split_mnasnet,
+}
+
+# torchvision classifiers whose head is more than pooling + one linear layer.
+NOT_CAM = {
+    "alexnet": "an MLP head (Linear-ReLU-Linear)",
+    "vgg": "an MLP head (Linear-ReLU-Linear)",
+    "mobilenet_v3": "an MLP head (Linear-Hardswish-Linear)",
+    "squeezenet": "a 1x1-conv classifier before pooling",
+    "convnext": "LayerNorm between pooling and the linear layer",
+    "vit_": "no convolutional feature map (attention on tokens)",
+    "swin_": "LayerNorm and permutes before pooling",
+    "maxvit": "an MLP head after pooling",
+    "inception_v3": "auxiliary heads and a 299x299 input this exporter does not handle yet",
+}
+
+
+def supported_arches() -> list[str]:
+    """The torchvision classification builders this exporter can split."""
+    names = torchvision.models.list_models(module=torchvision.models)
+    return sorted(n for n in names if family_of(n) is not None)
+
+
+def family_of(arch: str) -> str | None:
+    for prefix in FAMILIES:
+        if arch.startswith(prefix):
+            return prefix
+    return None
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export wrote and how well it checks out."""
+
+    path: Path
+    arch: str
+    weights: str
+    num_classes: int
+    feature_shape: tuple[int, ...]
+    max_abs_diff_logits: float
+    max_abs_diff_features: float
+
+
+def _check_arch(arch: str) -> None:
+    if family_of(arch) is not None:
+        return
+    for prefix, why in NOT_CAM.items():
+        if arch.startswith(prefix):
+            raise ExportError(f"{arch} is not CAM-compatible: it has {why}, not global-average-pooling + one linear layer")
+    if arch in torchvision.models.list_models(module=torchvision.models):
+        raise ExportError(f"{arch}: its head is not known to be pooling + one linear layer; supported: "
+                          f"{', '.join(sorted(FAMILIES))}")
+    raise ExportError(f"torchvision has no classification model {arch!r}")
+
+
+def _state_dict_from(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ExportError(f"weights file not found: {path}")
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(
+            f"refused to load {path}: it is not a plain state dict of tensors (it holds pickled code or "
+            f"objects, which torch.load(weights_only=True) will not run: {first[:160]})"
+        ) from None
+    except Exception as exc:  # torch raises RuntimeError/EOFError/... for files it cannot read
+        raise ExportError(f"cannot read {path} as PyTorch weights ({str(exc).splitlines()[0][:200]})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ExportError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return obj
+
+
+def _head_classes(state: dict, arch: str) -> int | None:
+    """The class count of the head in a state dict: the out-features of its last 2-D '*.weight'."""
+    candidates = [k for k, v in state.items() if k.endswith("weight") and v.ndim == 2 and not k.startswith("aux")]
+    return int(state[candidates[-1]].shape[0]) if candidates else None
+
+
+def build_model(arch: str, weights: str, log: Callable[[str], None] = print) -> tuple[nn.Module, ModelInfo]:
+    """A torchvision network with the asked-for weights, in eval mode, and what the contract needs about it.
+
+    Args:
+        weights: "DEFAULT" or a weights enum name (torchvision's API; downloaded into
+            ``$TORCH_HOME/hub/checkpoints`` and hash-checked), a path to a state dict, or "none".
+    """
+    _check_arch(arch)
+    mean, std, size = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (224, 224)
+    if weights.lower() == "none":
+        log(f"{arch}: random weights (--weights none): for tests and benchmarks only, its maps mean nothing")
+        return torchvision.models.get_model(arch, weights=None).eval(), ModelInfo(
+            labels=default_labels(1000), source=f"torchvision {arch}, random weights")
+    if os.path.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or os.path.exists(weights):
+        state = _state_dict_from(weights)
+        num_classes = _head_classes(state, arch) or 1000
+        kwargs = {"num_classes": num_classes}
+        if arch.startswith("googlenet"):
+            has_aux = any(k.startswith(("aux1.", "aux2.")) for k in state)
+            kwargs.update(aux_logits=has_aux, init_weights=False)
+        model = torchvision.models.get_model(arch, weights=None, **kwargs)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())[:300]
+            raise ExportError(f"{weights} does not fit torchvision's {arch}: {detail}") from None
+        return model.eval(), ModelInfo(labels=default_labels(num_classes),
+                                       source=f"torchvision {arch}, weights {Path(weights).name}")
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+        chosen = enum.DEFAULT if weights.upper() == "DEFAULT" else enum[weights]
+    except KeyError:
+        names = ", ".join(w.name for w in torchvision.models.get_model_weights(arch))
+        raise ExportError(f"{arch} has no weights {weights!r}; choose DEFAULT, {names}, none, or a file path") from None
+    checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(chosen.url)
+    if not checkpoint.exists():
+        log(f"downloading {chosen.url} into {checkpoint.parent}")
+    try:
+        model = torchvision.models.get_model(arch, weights=chosen)
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        reason = getattr(exc, "reason", None) or str(exc).splitlines()[0]
+        raise ExportError(
+            f"could not get {arch} weights {chosen} ({reason}); offline, download {chosen.url} and put it at "
+            f"{checkpoint} (TORCH_HOME sets the folder), or pass --weights PATH"
+        ) from None
+    transforms = chosen.transforms()
+    crop = getattr(transforms, "crop_size", [224])
+    size = (int(crop[0]), int(crop[-1]))
+    mean = tuple(getattr(transforms, "mean", mean))
+    std = tuple(getattr(transforms, "std", std))
+    labels = tuple(chosen.meta.get("categories") or default_labels(1000))
+    return model.eval(), ModelInfo(labels=labels, input_size_hw=size, mean=mean, std=std,
+                                   source=f"torchvision {arch}, weights {chosen}")
+
+
+def export_torchvision(
+    arch: str = "resnet18",
+    weights: str = "DEFAULT",
+    output: str | os.PathLike = "resnet18.onnx",
+    opset: int = 18,
+    labels_path: str | None = None,
+    log: Callable[[str], None] = print,
+) -> ExportReport:
+    """Export ``arch`` to one self-contained contract file and check it against PyTorch.
+
+    Raises:
+        ExportError: weights that cannot be had or loaded, an unsupported head, or a failed check.
+    """
+    model, info = build_model(arch, weights, log=log)
+    backbone, head = FAMILIES[family_of(arch)](model, arch)
+    wrapper = TwoOutputs(backbone, head).eval()
+    if labels_path is not None:
+        info = ModelInfo(**{**info.__dict__, "labels": default_labels(head.out_features, labels_path)})
+    h, w = info.input_size_hw
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, h, w, generator=generator)
+    with torch.no_grad():
+        logits_ref, features_ref = wrapper(x)
+        original = model(x)
+        original = original[0] if isinstance(original, tuple) else original
+    # The split must reproduce the network: otherwise the map would explain some other function.
+    split_diff = float((logits_ref - original).abs().max())
+    if split_diff > 1e-3 * max(1.0, float(original.abs().max())):
+        raise ExportError(f"{arch}: backbone + head does not reproduce the network (max diff {split_diff:.3g})")
+    if features_ref.ndim != 4:
+        raise ExportError(f"{arch}: the features before pooling are not a [N, C, h, w] map")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper, (x,), dynamo=True, input_names=["input"], output_names=["logits", "features"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), opset_version=opset,
+            external_data=False, verbose=False, report=False,
+        )
+    proto = program.model_proto
+    write_contract(
+        proto, info,
+        head.weight.detach().numpy().astype(np.float32),
+        head.bias.detach().numpy().astype(np.float32) if head.bias is not None
+        else np.zeros(head.out_features, np.float32),
+    )
+    output = Path(output)
+
+    def verify(path: Path) -> tuple[float, float]:
+        return check_contract_file(path, x.numpy(), logits_ref.numpy(), features_ref.numpy())
+
+    diff_logits, diff_features = replace_atomically(proto, output, verify)
+    log(f"ONNX Runtime vs PyTorch: max |logits diff| {diff_logits:.3g}, max |features diff| {diff_features:.3g}")
+    return ExportReport(
+        path=output, arch=arch, weights=info.source, num_classes=head.out_features,
+        feature_shape=tuple(features_ref.shape[1:]), max_abs_diff_logits=diff_logits,
+        max_abs_diff_features=diff_features,
+    )

@@ -1,0 +1,7 @@
+"""python -m realtime_cam"""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

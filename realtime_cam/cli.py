@@ -1,0 +1,238 @@
+"""Command line: parse, call the library, map errors to one-line messages and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .cams import METHODS
+from .errors import CamError
+from .model import DEVICES
+from .paths import default_model_path
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("realtime_cam")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C so that every context manager cleans up."""
+
+
+# ----------------------------------------------------------------------------- argument types
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="realtime-cam",
+        description="Live Class Activation Maps: where a CNN looks when it classifies what a camera sees.",
+        formatter_class=fmt,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", formatter_class=fmt,
+        help="show the CAM live (webcam, stream, video or image), or write it to a file",
+        description="Classify each frame and draw the class activation map over it. Window keys: q/Esc quit.",
+    )
+    run.add_argument("--model", type=Path, default=None,
+                     help=f"realtime-cam model file (default: {default_model_path()}, exported on first use "
+                          "when the export extra is installed)")
+    run.add_argument("--source", default="0",
+                     help="webcam index, video file, image file, or a URL OpenCV opens (rtsp://, http://)")
+    run.add_argument("--device", choices=DEVICES, default="auto",
+                     help="where the model runs; auto uses CUDA when its provider really starts")
+    run.add_argument("--output", type=Path, default=None,
+                     help="write the overlay: a video (.mp4 .avi .mkv .mov .m4v) at the source's size and frame "
+                          "rate, or an image (.png .jpg) for an image source")
+    run.add_argument("--no-display", action="store_true", help="no window (headless; use with --output)")
+    run.add_argument("--max-frames", type=_positive_int, default=None, help="stop after N frames")
+    run.add_argument("--class", dest="class_name", default=None, metavar="NAME|ID",
+                     help="explain this class on every frame instead of the top-1")
+    run.add_argument("--method", choices=sorted(METHODS), default="cam", help="map method")
+    run.add_argument("--alpha", type=_fraction, default=0.5,
+                     help="heatmap weight in the blend: (1-alpha)*frame + alpha*heatmap")
+
+    export = sub.add_parser(
+        "export", formatter_class=fmt,
+        help="make a realtime-cam model file (torchvision backbone, or an existing ONNX classifier)",
+        description="Write one self-contained .onnx file with outputs 'logits' and 'features' and the metadata "
+                    "the runtime needs. A torchvision export needs the export extra (torch, torchvision).",
+    )
+    export.add_argument("--arch", default="resnet18", help="torchvision builder name (resnet18, densenet121, ...)")
+    export.add_argument("--weights", default="DEFAULT",
+                        help="DEFAULT or a torchvision weights name (downloaded to $TORCH_HOME, hash-checked), "
+                             "a state-dict file (loaded with weights_only=True), or 'none' (random: tests only)")
+    export.add_argument("--output", type=Path, default=None,
+                        help="where to write (default: the cache file `run` looks for, "
+                             f"{default_model_path()})")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset for the torchvision export")
+    export.add_argument("--labels", default=None, help="class names, one per line (default: ImageNet-1k "
+                                                       "for 1000 classes, else numbered)")
+    export.add_argument("--from-onnx", type=Path, default=None, metavar="CLASSIFIER.onnx",
+                        help="rewrite this ONNX classifier (GAP + linear head, float or quantized) instead")
+    export.add_argument("--input-size", type=_positive_int, nargs=2, metavar=("H", "W"), default=None,
+                        help="--from-onnx: input size when the model's is not fixed")
+    export.add_argument("--mean", type=float, nargs=3, default=None,
+                        help="--from-onnx: per-channel mean on the 0..1 scale (default ImageNet's)")
+    export.add_argument("--std", type=_positive_float, nargs=3, default=None,
+                        help="--from-onnx: per-channel std on the 0..1 scale (default ImageNet's)")
+    export.add_argument("--bgr", action="store_true", help="--from-onnx: the model takes BGR channel order")
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+def _export_missing_default(path: Path) -> None:
+    """``run`` without --model and no cached model: export it when the export extra is installed."""
+    try:
+        from .export.from_torchvision import export_torchvision
+    except ImportError:
+        raise CamError(
+            f"no model at {path}: install the export extra and export one "
+            "(pip install 'realtime-cam[export]' && realtime-cam export), or pass --model FILE"
+        ) from None
+    log.info("no model at %s yet: exporting torchvision resnet18 (once)", path)
+    export_torchvision("resnet18", "DEFAULT", path, log=log.info)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .model import CamModel
+    from .overlay import OverlayStyle
+    from .pipeline import RunOptions, hold_window, run_loop
+    from .progress import Progress
+    from .sinks import IMAGE_EXTENSIONS, ImageFileSink, VideoFileSink, WindowSink, check_output_path
+    from .sinks import VIDEO_CODECS
+    from .sources import open_source
+
+    if args.output is not None:  # refuse an unwritable output before any work is done
+        check_output_path(args.output, {**VIDEO_CODECS, **dict.fromkeys(IMAGE_EXTENSIONS, "")})
+    if args.no_display and args.output is None:
+        log.info("--no-display without --output: frames are processed and dropped (a dry run)")
+    model_path = args.model
+    if model_path is None:
+        model_path = default_model_path()
+        if not model_path.exists():
+            _export_missing_default(model_path)
+    model = CamModel(model_path, device=args.device)
+    class_id = model.class_id_for(args.class_name) if args.class_name is not None else None
+    log.info("model %s (%d classes) on %s", model_path, model.num_classes, model.provider)
+
+    with open_source(args.source) as source, contextlib.ExitStack() as outputs:
+        # Every output is a context manager: on Ctrl-C or an error each video is finalised and renamed.
+        sinks = []
+        if args.output is not None:
+            if args.output.suffix.lower() in IMAGE_EXTENSIONS:
+                if source.kind != "image":
+                    raise CamError(f"{args.output.name} is an image: use a video extension for a {source.kind}")
+                sinks.append(outputs.enter_context(ImageFileSink(args.output)))
+            else:
+                sinks.append(outputs.enter_context(VideoFileSink(args.output, source.fps, source.size_wh)))
+        window = None if args.no_display else outputs.enter_context(WindowSink(f"realtime-cam: {args.source}"))
+        options = RunOptions(
+            class_id=class_id, method=args.method, style=OverlayStyle(alpha=args.alpha),
+            max_frames=args.max_frames, show_fps=window is not None and source.kind != "image",
+        )
+        progress = None if source.live or source.kind == "image" else Progress(source.frame_count, estimate=True)
+        result = run_loop(model, source, sinks=sinks, window=window, options=options, progress=progress)
+        if window is not None and source.kind == "image" and result.stopped_by == "end":
+            hold_window(window)
+    if result.last is not None:
+        log.info("%d frames at %.1f FPS; last: %s %.1f%%", result.frames, result.fps, result.last.label,
+                 100 * result.last.probability)
+    for sink in sinks:
+        log.info("wrote %s (%d frames)", sink.path, sink.frames_written)
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    output = args.output if args.output is not None else default_model_path(args.arch)
+    if args.from_onnx is not None:
+        from .export.from_onnx import rewrite_onnx_classifier
+
+        if args.output is None:
+            output = default_model_path(args.from_onnx.stem)
+        rewrite_onnx_classifier(
+            args.from_onnx, output, labels_path=args.labels,
+            input_size_hw=tuple(args.input_size) if args.input_size else None,
+            mean=args.mean, std=args.std, bgr=args.bgr, log=log.info,
+        )
+    else:
+        try:
+            from .export.from_torchvision import export_torchvision
+        except ImportError as exc:
+            raise CamError(
+                f"exporting a torchvision model needs the export extra ({exc.name} is missing): "
+                "pip install 'realtime-cam[export]'"
+            ) from None
+        export_torchvision(args.arch, args.weights, output, opset=args.opset, labels_path=args.labels,
+                           log=log.info)
+    log.info("wrote %s", output)
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "export": cmd_export}
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``realtime-cam`` and ``python -m realtime_cam``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="realtime-cam: %(message)s", stream=sys.stderr, force=True)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return COMMANDS[args.command](args)
+    except CamError as exc:
+        if args.debug:
+            raise
+        print(f"realtime-cam: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt as exc:
+        if args.debug:
+            raise
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"\nrealtime-cam: {what}; outputs written so far are finalised", file=sys.stderr)
+        return EXIT_INTERRUPTED if not isinstance(exc, Terminated) else 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

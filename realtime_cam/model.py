@@ -1,0 +1,227 @@
+"""CamModel: an ONNX Runtime session over a contract file, its head, labels and preprocessing."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .cams import METHODS, normalize_map, softmax
+from .contract import FEATURES, LOGITS, ModelInfo, read_contract
+from .errors import CamError, DeviceError, ModelError
+from .preprocess import Preprocessor, as_bgr
+
+log = logging.getLogger("realtime_cam")
+
+DEVICES = ("auto", "cpu", "cuda")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True, eq=False)
+class Prediction:
+    """What the model says about one frame, and where it looked.
+
+    Attributes:
+        class_id: the explained class (the top-1 unless a class was asked for).
+        label: its name.
+        probability: its softmax probability.
+        topk: the k most probable classes as (class_id, label, probability), most probable first.
+        cam: float32 [h, w] at feature resolution, min-max normalised to [0, 1].
+        method: the map method used (a key of ``realtime_cam.cams.METHODS``).
+        probabilities: float32 [K] softmax over all classes.
+    """
+
+    class_id: int
+    label: str
+    probability: float
+    topk: tuple[tuple[int, str, float], ...]
+    cam: np.ndarray = field(repr=False)
+    method: str = "cam"
+    probabilities: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.float32))
+
+
+def _session_options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The head copy is an initializer no node reads; ORT would warn about it on every load.
+    options.log_severity_level = 3
+    return options
+
+
+def _providers(device: str) -> list[str]:
+    if device not in DEVICES:
+        raise DeviceError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if device == "cuda":
+        raise DeviceError(
+            f"--device cuda: this onnxruntime offers no CUDA provider (it has {', '.join(available)}); "
+            "install the GPU build: pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
+        )
+    return [CPU]
+
+
+def load_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX file with a one-line error for every way that can fail."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"model file not found: {p}")
+    if p.is_dir():
+        raise ModelError(f"model path is a directory, not an .onnx file: {p}")
+    try:
+        return onnx.load(str(p))
+    except Exception as exc:  # onnx raises DecodeError, ValidationError, OSError... for a bad file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"cannot read {p} as an ONNX model ({reason})") from None
+
+
+class CamModel:
+    """A classifier that also says where it looked.
+
+    Args:
+        path: a realtime-cam contract file (see ``realtime_cam.contract``).
+        device: "auto" (CUDA when it really runs, else CPU), "cpu", or "cuda" (an error if it cannot run).
+
+    Attributes:
+        info: labels, input size and normalisation from the file's metadata.
+        provider: the ONNX Runtime execution provider that actually runs the model.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto") -> None:
+        self.path = Path(path)
+        proto = load_model_proto(self.path)
+        self.info, self.head_weight, self.head_bias = read_contract(proto)
+        providers = _providers(device)
+        del proto
+        try:
+            self._session = ort.InferenceSession(
+                str(self.path), sess_options=_session_options(), providers=providers
+            )
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelError(f"ONNX Runtime cannot load {self.path} ({reason})") from None
+        started = self._session.get_providers()
+        self.provider = started[0]
+        if CUDA in providers and CUDA not in started:
+            if device == "cuda":
+                raise DeviceError(
+                    "--device cuda: the CUDA provider is installed but did not start (check the CUDA and "
+                    "cuDNN libraries onnxruntime-gpu needs); use --device cpu"
+                )
+            log.warning("CUDA provider is installed but did not start; running on CPU")
+        self._input_name = self._session.get_inputs()[0].name
+        self._check_shapes()
+        self._preprocess = Preprocessor(
+            self.info.input_size_hw, self.info.mean, self.info.std, self.info.channel_order
+        )
+
+    def _check_shapes(self) -> None:
+        outputs = {o.name: o.shape for o in self._session.get_outputs()}
+        feat = outputs[FEATURES]
+        if len(feat) != 4:
+            raise ModelError(f"'features' must be [N, C, h, w]; the model declares {feat}")
+        channels = feat[1]
+        if isinstance(channels, int) and channels != self.head_weight.shape[1]:
+            raise ModelError(
+                f"'features' has {channels} channels but the head expects {self.head_weight.shape[1]}"
+            )
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.info.labels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.info.labels)
+
+    def class_id_for(self, name_or_id: str | int) -> int:
+        """A class id from an id or a label (exact, then case-insensitive, then a unique prefix)."""
+        text = str(name_or_id).strip()
+        if text.lstrip("-").isdigit():
+            self._check_class(int(text))
+            return int(text)
+        lowered = [label.lower() for label in self.labels]
+        for candidates in (
+            [i for i, label in enumerate(self.labels) if label == text],
+            [i for i, label in enumerate(lowered) if label == text.lower()],
+            [i for i, label in enumerate(lowered) if label.startswith(text.lower())],
+        ):
+            if len(candidates) == 1:
+                return candidates[0]
+            if len(candidates) > 1:
+                names = ", ".join(self.labels[i] for i in candidates[:5])
+                raise CamError(f"class {text!r} is ambiguous: {names}, ...")
+        raise CamError(f"no class named {text!r} in this model's {self.num_classes} labels")
+
+    def _check_class(self, class_id: int) -> None:
+        if not 0 <= class_id < self.num_classes:
+            raise CamError(f"class id {class_id} is out of range 0..{self.num_classes - 1}")
+
+    def prepare(self, frame_bgr: np.ndarray) -> np.ndarray:
+        """The model's input for one frame: [1, 3, H, W] float32 (a reused buffer)."""
+        return self._preprocess(as_bgr(frame_bgr))
+
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run the network on a prepared batch: (logits [N, K], features [N, C, h, w]), float32."""
+        logits, features = self._session.run([LOGITS, FEATURES], {self._input_name: batch})
+        return logits, features
+
+    def infer(self, frame_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run the network on one frame: (logits [K], features [C, h, w]), both float32."""
+        logits, features = self.forward(self.prepare(frame_bgr))
+        return logits[0], features[0]
+
+    def explain(
+        self,
+        logits: np.ndarray,
+        features_chw: np.ndarray,
+        class_id: int | None = None,
+        method: str = "cam",
+        topk: int = 5,
+    ) -> Prediction:
+        """Turn one frame's network outputs into a Prediction with its normalised map."""
+        try:
+            map_fn = METHODS[method]
+        except KeyError:
+            raise CamError(f"unknown map method {method!r}; choose from {', '.join(METHODS)}") from None
+        probabilities = softmax(logits)
+        k = max(1, min(int(topk), probabilities.shape[0]))
+        top = np.argpartition(-probabilities, k - 1)[:k]
+        top = top[np.argsort(-probabilities[top], kind="stable")]
+        if class_id is None:
+            class_id = int(top[0])
+        else:
+            self._check_class(int(class_id))
+        raw = map_fn(features_chw, self.head_weight, int(class_id))
+        return Prediction(
+            class_id=int(class_id),
+            label=self.labels[class_id],
+            probability=float(probabilities[class_id]),
+            topk=tuple((int(i), self.labels[i], float(probabilities[i])) for i in top),
+            cam=normalize_map(raw),
+            method=method,
+            probabilities=probabilities,
+        )
+
+    def predict(
+        self, frame_bgr: np.ndarray, class_id: int | None = None, method: str = "cam", topk: int = 5
+    ) -> Prediction:
+        """Classify an HxWx3 uint8 BGR frame of any size and map where the model looked.
+
+        Args:
+            frame_bgr: the frame (grayscale, BGRA and 16-bit frames are converted).
+            class_id: explain this class instead of the top-1.
+            method: a key of ``realtime_cam.cams.METHODS``.
+            topk: how many classes ``Prediction.topk`` lists.
+        """
+        logits, features = self.infer(frame_bgr)
+        return self.explain(logits, features, class_id=class_id, method=method, topk=topk)

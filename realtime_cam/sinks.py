@@ -1,0 +1,192 @@
+"""Where overlays go: an OpenCV window, a video file, an image file, or nowhere (benchmarks).
+
+Each sink is a context manager whose cleanup runs on error and on Ctrl-C too: a video file is always
+finalised (playable, holding every frame written so far). It is written under a temporary name and
+renamed when closed, so a hard crash never leaves a file that looks complete but is not.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .errors import SinkError
+
+# Container -> codec OpenCV's bundled FFmpeg writes without extra libraries.
+VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+KEY_ESC = 27
+
+
+class Sink:
+    """Base: a context manager that takes frames."""
+
+    def __enter__(self) -> "Sink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def write(self, image_bgr: np.ndarray) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class NullSink(Sink):
+    """Takes frames and drops them: for benchmarks and dry runs."""
+
+    def write(self, image_bgr: np.ndarray) -> None:
+        pass
+
+
+def check_output_path(path: str | os.PathLike, allowed: set[str] | dict[str, str]) -> Path:
+    """Refuse, before any work is done, an output the run could not write."""
+    out = Path(path)
+    if out.suffix.lower() not in allowed:
+        raise SinkError(f"cannot write {out.name}: use one of {', '.join(sorted(allowed))}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise SinkError(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise SinkError(f"output folder is not writable: {parent}")
+    if out.is_dir():
+        raise SinkError(f"output path is a directory: {out}")
+    return out
+
+
+def temporary_name(path: Path) -> Path:
+    """Same folder and extension (OpenCV picks the container by extension), marked as unfinished."""
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
+class VideoFileSink(Sink):
+    """Writes frames to a video file from a background thread (encoding overlaps inference).
+
+    Args:
+        path: output file; its extension picks the container and codec (VIDEO_CODECS).
+        fps: frame rate written in the file (the source's, so the video plays at the source's speed).
+        size_wh: (width, height); frames of another size are resized to it.
+        queue_size: frames waiting for the encoder before ``write`` blocks.
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: float, size_wh: tuple[int, int], queue_size: int = 8) -> None:
+        self.path = check_output_path(path, VIDEO_CODECS)
+        self.size_wh = size_wh
+        self.fps = fps if fps > 0 else 30.0
+        self.frames_written = 0
+        self._tmp = temporary_name(self.path)
+        fourcc = cv2.VideoWriter_fourcc(*VIDEO_CODECS[self.path.suffix.lower()])
+        self._writer = cv2.VideoWriter(str(self._tmp), fourcc, self.fps, size_wh)
+        if not self._writer.isOpened():
+            self._writer.release()
+            self._tmp.unlink(missing_ok=True)
+            raise SinkError(f"OpenCV cannot write {self.path} (codec {VIDEO_CODECS[self.path.suffix.lower()]})")
+        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._encode_loop, name=f"encode:{self.path.name}", daemon=True)
+        self._thread.start()
+
+    def _encode_loop(self) -> None:
+        while True:
+            image = self._queue.get()
+            if image is None:
+                return
+            if self._error is not None:
+                continue  # keep draining so a blocked write() returns; the error surfaces there
+            try:
+                self._writer.write(image)
+                self.frames_written += 1
+            except BaseException as exc:
+                self._error = exc
+
+    def write(self, image_bgr: np.ndarray) -> None:
+        if self._error is not None:
+            raise SinkError(f"writing {self.path} failed: {self._error}")
+        w, h = self.size_wh
+        if image_bgr.shape[1] != w or image_bgr.shape[0] != h:
+            image_bgr = cv2.resize(image_bgr, (w, h), interpolation=cv2.INTER_AREA)
+        self._queue.put(image_bgr)
+
+    def close(self) -> None:
+        """Flush, finalise the container, and give the file its real name."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+        self._writer.release()
+        if self.frames_written:
+            os.replace(self._tmp, self.path)
+        else:
+            self._tmp.unlink(missing_ok=True)
+        if self._error is not None:
+            raise SinkError(f"writing {self.path} failed: {self._error}")
+
+
+class ImageFileSink(Sink):
+    """Writes the overlay as an image (the last frame written wins): for image sources."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = check_output_path(path, IMAGE_EXTENSIONS)
+        self.frames_written = 0
+
+    def write(self, image_bgr: np.ndarray) -> None:
+        tmp = temporary_name(self.path)
+        if not cv2.imwrite(str(tmp), image_bgr):
+            raise SinkError(f"OpenCV cannot write {self.path}")
+        os.replace(tmp, self.path)
+        self.frames_written += 1
+
+
+class WindowSink(Sink):
+    """An OpenCV window. All its calls must stay on the main thread.
+
+    ``write`` shows a frame and polls the keyboard; the last key is in :attr:`last_key` (-1 for none).
+    :attr:`closed` is True once the user closed the window with its X button.
+    """
+
+    def __init__(self, title: str = "realtime-cam") -> None:
+        self.title = title
+        try:
+            cv2.namedWindow(title, cv2.WINDOW_NORMAL | cv2.WINDOW_KEEPRATIO)
+        except cv2.error as exc:
+            raise SinkError(
+                f"cannot open a window ({str(exc).strip().splitlines()[-1]}); "
+                "is there a display? use --no-display to run headless"
+            ) from None
+        self._shown = False
+        self.last_key = -1
+
+    def write(self, image_bgr: np.ndarray) -> None:
+        if not self._shown:
+            h, w = image_bgr.shape[:2]
+            cv2.resizeWindow(self.title, w, h)
+            self._shown = True
+        cv2.imshow(self.title, image_bgr)
+        self.last_key = self.wait_key(1)
+
+    def wait_key(self, delay_ms: int) -> int:
+        key = cv2.waitKey(delay_ms)
+        return -1 if key < 0 else key & 0xFF
+
+    @property
+    def closed(self) -> bool:
+        try:
+            return cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) < 1
+        except cv2.error:
+            return True
+
+    def close(self) -> None:
+        try:
+            cv2.destroyWindow(self.title)
+            cv2.waitKey(1)
+        except cv2.error:
+            pass

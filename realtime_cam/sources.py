@@ -1,0 +1,286 @@
+"""Frame sources: webcams, streams (RTSP/HTTP), video files and images, each a context manager.
+
+Capture runs in a daemon thread per source with an explicit policy:
+- ``latest`` for live sources: the newest frame wins, so the view never lags behind the camera;
+- ``queue`` for files: every frame, in order, through a bounded queue (the reader waits).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import cv2
+import numpy as np
+
+from .errors import SourceError
+from .preprocess import as_bgr
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jp2"}
+URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+POLICIES = ("latest", "queue")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One captured frame.
+
+    Attributes:
+        index: 0-based position in the source (for live sources: among frames delivered).
+        image_bgr: HxWx3 uint8 BGR.
+        captured_at: ``time.perf_counter()`` when the frame was read, for capture-to-display latency.
+    """
+
+    index: int
+    image_bgr: np.ndarray
+    captured_at: float
+
+
+class FrameBuffer:
+    """Hands frames from the capture thread to the loop under a capture policy.
+
+    ``None`` from :meth:`get` is the end of the stream; an error raised in the capture thread is raised
+    again in the thread that calls :meth:`get`.
+    """
+
+    def __init__(self, policy: str, maxsize: int = 8) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}")
+        self.latest = policy == "latest"
+        self.maxsize = 1 if self.latest else maxsize
+        self.dropped = 0
+        self._items: collections.deque[Frame] = collections.deque()
+        self._cond = threading.Condition()
+        self._ended = False
+        self._closed = False
+        self._error: BaseException | None = None
+
+    def put(self, frame: Frame) -> bool:
+        """Add a frame (waiting for room under ``queue``); False once the consumer has closed."""
+        with self._cond:
+            if self.latest:
+                self.dropped += len(self._items)
+                self._items.clear()
+            else:
+                while len(self._items) >= self.maxsize and not self._closed:
+                    self._cond.wait()
+            if self._closed:
+                return False
+            self._items.append(frame)
+            self._cond.notify_all()
+            return True
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """The producer is done: at end of stream, or with the error that stopped it."""
+        with self._cond:
+            self._ended = True
+            self._error = error
+            self._cond.notify_all()
+
+    def get(self) -> Frame | None:
+        with self._cond:
+            while not self._items and not self._ended:
+                self._cond.wait()
+            if self._items:
+                frame = self._items.popleft()
+                self._cond.notify_all()
+                return frame
+            if self._error is not None:
+                raise self._error
+            return None
+
+    def close(self) -> None:
+        """The consumer is gone: release a producer waiting for room."""
+        with self._cond:
+            self._closed = True
+            self._items.clear()
+            self._cond.notify_all()
+
+
+class FrameSource:
+    """Base of every source: a context manager and an iterator of :class:`Frame`.
+
+    Attributes:
+        spec: what the user asked for.
+        kind: one of SOURCE_KINDS.
+        live: True for webcams and streams (``latest`` policy), False for files (``queue`` policy).
+        fps: the source's frame rate (0 when unknown or a still image).
+        size_wh: (width, height) of the first frame.
+        frame_count: the container's claim of its length, or None; never trust it for control flow.
+    """
+
+    kind = "?"
+    live = False
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.fps = 0.0
+        self.size_wh = (0, 0)
+        self.frame_count: int | None = None
+
+    def __enter__(self) -> "FrameSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def __iter__(self) -> Iterator[Frame]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class ImageSource(FrameSource):
+    """A still image: one frame."""
+
+    kind = "image"
+
+    def __init__(self, spec: str) -> None:
+        super().__init__(spec)
+        image = cv2.imread(spec, cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise SourceError(f"cannot decode {spec} as an image")
+        self._image = as_bgr(image)
+        self.size_wh = (self._image.shape[1], self._image.shape[0])
+        self.frame_count = 1
+
+    def __iter__(self) -> Iterator[Frame]:
+        yield Frame(0, self._image, time.perf_counter())
+
+
+class CaptureSource(FrameSource):
+    """Anything ``cv2.VideoCapture`` opens, read by a daemon thread into a :class:`FrameBuffer`."""
+
+    def __init__(self, spec: str, target: int | str, kind: str, live: bool, describe: str) -> None:
+        super().__init__(spec)
+        self.kind = kind
+        self.live = live
+        self._cap = cv2.VideoCapture(target)
+        if not self._cap.isOpened():
+            self._cap.release()
+            raise SourceError(f"cannot open {describe}")
+        ok, first = self._cap.read()  # fail fast: a source that opens but yields nothing is an error now
+        if not ok or first is None:
+            self._cap.release()
+            raise SourceError(f"{describe} opened but no frame could be read from it")
+        self._first = Frame(0, as_bgr(first), time.perf_counter())
+        self.size_wh = (self._first.image_bgr.shape[1], self._first.image_bgr.shape[0])
+        fps = self._cap.get(cv2.CAP_PROP_FPS)
+        self.fps = float(fps) if fps and np.isfinite(fps) and 0 < fps < 1000 else 0.0
+        count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        self.frame_count = count if count > 0 and not live else None
+        self._buffer = FrameBuffer("latest" if live else "queue")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read_loop(self) -> None:
+        error: BaseException | None = None
+        index = 1
+        try:
+            while not self._stop.is_set():
+                ok, image = self._cap.read()
+                if not ok or image is None:
+                    break
+                if not self._buffer.put(Frame(index, as_bgr(image), time.perf_counter())):
+                    break
+                index += 1
+        except BaseException as exc:  # surfaces in the main thread through the buffer
+            error = exc
+        finally:
+            self._buffer.finish(error)
+
+    def __iter__(self) -> Iterator[Frame]:
+        if self._thread is not None:
+            raise RuntimeError("a capture source can be iterated once")
+        yield self._first
+        self._thread = threading.Thread(target=self._read_loop, name=f"capture:{self.spec}", daemon=True)
+        self._thread.start()
+        while True:
+            frame = self._buffer.get()
+            if frame is None:
+                return
+            yield frame
+
+    @property
+    def dropped(self) -> int:
+        """Frames the ``latest`` policy skipped because a newer one arrived first."""
+        return self._buffer.dropped
+
+    def close(self) -> None:
+        self._stop.set()
+        self._buffer.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        self._cap.release()
+
+
+def _is_webcam(spec: str) -> bool:
+    return spec.strip().isdigit()
+
+
+def _is_url(spec: str) -> bool:
+    return bool(URL_RE.match(spec))
+
+
+def _is_image(spec: str) -> bool:
+    return Path(spec).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _open_webcam(spec: str) -> FrameSource:
+    index = int(spec)
+    return CaptureSource(spec, index, "webcam", True, f"webcam {index} (no such camera, or it is busy)")
+
+
+def _open_stream(spec: str) -> FrameSource:
+    return CaptureSource(spec, spec, "stream", True, f"stream {spec}")
+
+
+def _check_file(spec: str) -> None:
+    path = Path(spec)
+    if not path.exists():
+        raise SourceError(f"source not found: {spec}")
+    if path.is_dir():
+        raise SourceError(f"source is a directory, not a video or image file: {spec}")
+    if not os.access(path, os.R_OK):
+        raise SourceError(f"source is not readable: {spec}")
+    if path.stat().st_size == 0:
+        raise SourceError(f"source is an empty file: {spec}")
+
+
+def _open_image(spec: str) -> FrameSource:
+    _check_file(spec)
+    return ImageSource(spec)
+
+
+def _open_video(spec: str) -> FrameSource:
+    _check_file(spec)
+    return CaptureSource(spec, spec, "video", False, f"{spec} as a video")
+
+
+# Tried in order; the first whose test accepts the spec opens it. A new kind is one line here.
+SOURCE_KINDS: dict[str, tuple[Callable[[str], bool], Callable[[str], FrameSource]]] = {
+    "webcam": (_is_webcam, _open_webcam),
+    "stream": (_is_url, _open_stream),
+    "image": (_is_image, _open_image),
+    "video": (lambda spec: True, _open_video),
+}
+
+
+def open_source(spec: str | int) -> FrameSource:
+    """Open a webcam index, a URL OpenCV can read, an image file or a video file.
+
+    Raises:
+        SourceError: with a one-line message, when it cannot be opened or yields no first frame.
+    """
+    spec = str(spec)
+    for accepts, opener in SOURCE_KINDS.values():
+        if accepts(spec):
+            return opener(spec)
+    raise SourceError(f"cannot open source {spec!r}")  # pragma: no cover - "video" accepts everything

@@ -1,0 +1,55 @@
+"""Shared fixtures: real media and models from ../shared/data, and a ResNet18 exported once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("REALTIME_CAM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+HAVE_SHARED = SHARED.is_dir()
+
+needs_shared = pytest.mark.skipif(not HAVE_SHARED, reason=f"shared test data not found at {SHARED}")
+
+
+def shared(*parts: str) -> Path:
+    """A path under ../shared/data; skips the calling test when the file is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared test data not found: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet18_state_dict(tmp_path_factory) -> Path:
+    """A seeded random torchvision resnet18 state dict saved as a .pth file."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(1234)
+    net = torchvision.models.resnet18(weights=None)
+    path = tmp_path_factory.mktemp("weights") / "resnet18-seeded.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet18_onnx(resnet18_state_dict, tmp_path_factory) -> Path:
+    """That state dict exported through the CLI: a contract file with random (but known) weights."""
+    from realtime_cam.cli import main
+
+    out = tmp_path_factory.mktemp("models") / "resnet18.onnx"
+    assert main(["export", "--weights", str(resnet18_state_dict), "--output", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def mnv2_int8_onnx(tmp_path_factory) -> Path:
+    """The real pretrained ImageNet MobileNetV2 (int8, ONNX Model Zoo) rewritten into the contract."""
+    from realtime_cam.cli import main
+
+    src = shared("models", "mobilenetv2-12-int8.onnx")
+    out = tmp_path_factory.mktemp("models") / "mnv2-int8.onnx"
+    assert main(["export", "--from-onnx", str(src), "--output", str(out)]) == 0
+    return out
