@@ -207,6 +207,26 @@ def cmd_export(args: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "export": cmd_export}
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (so redirection and test capture work)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
+def _configure_logging() -> None:
+    log.setLevel(logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("realtime-cam: %(message)s"))
+        log.addHandler(handler)
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
@@ -215,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``realtime-cam`` and ``python -m realtime_cam``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="realtime-cam: %(message)s", stream=sys.stderr, force=True)
+    _configure_logging()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return COMMANDS[args.command](args)

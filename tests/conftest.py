@@ -11,6 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("REALTIME_CAM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 HAVE_SHARED = SHARED.is_dir()
 
+# CI sets this so that a missing ../shared/data fails the run instead of skipping the tests that need it.
+REQUIRE_SHARED = os.environ.get("REALTIME_CAM_REQUIRE_SHARED") == "1"
+if REQUIRE_SHARED and not HAVE_SHARED:
+    raise pytest.UsageError(f"REALTIME_CAM_REQUIRE_SHARED=1 but the shared test data is missing: {SHARED}")
+
 needs_shared = pytest.mark.skipif(not HAVE_SHARED, reason=f"shared test data not found at {SHARED}")
 
 
@@ -18,6 +23,8 @@ def shared(*parts: str) -> Path:
     """A path under ../shared/data; skips the calling test when the file is absent."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
+        if REQUIRE_SHARED:
+            pytest.fail(f"shared test data missing: {path}")
         pytest.skip(f"shared test data not found: {path}")
     return path
 

@@ -1,0 +1,175 @@
+"""`realtime-cam run` end to end on real media, through main() and the installed console script."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import needs_shared, shared
+from mjpeg_server import MjpegServer
+from realtime_cam.cli import build_parser, main
+from realtime_cam.cams import METHODS
+
+SCRIPT = shutil.which("realtime-cam", path=os.path.dirname(sys.executable)) or shutil.which("realtime-cam")
+
+
+def decoded_frames(path):
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    cap.release()
+    return frames, size, fps
+
+
+def mean_saturation(frame_bgr):
+    return float(cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2HSV)[..., 1].mean())
+
+
+@needs_shared
+def test_run_writes_every_decoded_frame_at_the_sources_size_and_rate(resnet18_onnx, tmp_path, capsys):
+    src = shared("videos", "vtest.avi")
+    out = tmp_path / "o.mp4"
+    assert main(["run", "--model", str(resnet18_onnx), "--source", str(src), "--output", str(out),
+                 "--no-display"]) == 0
+    frames, size, fps = decoded_frames(out)
+    inputs, in_size, in_fps = decoded_frames(src)
+    assert len(frames) == len(inputs) == 341          # not the 682 the header claims
+    assert size == in_size == (1280, 720) and fps == pytest.approx(in_fps)
+    # The heatmap is visible: the grey street scene becomes strongly coloured, on every frame we look at.
+    for i in (0, 170, 340):
+        assert mean_saturation(frames[i]) > mean_saturation(inputs[i]) + 60
+    err = capsys.readouterr().err
+    assert "frames 341" in err and "FPS" in err and "/~682" in err   # the progress bar
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+@needs_shared
+def test_image_source_to_image_output(resnet18_onnx, tmp_path):
+    out = tmp_path / "cat.png"
+    assert main(["run", "--model", str(resnet18_onnx), "--source", str(shared("images", "skimage_chelsea.png")),
+                 "--output", str(out), "--no-display", "--alpha", "0.6"]) == 0
+    image = cv2.imread(str(out))
+    assert image.shape == (300, 451, 3)
+
+
+@needs_shared
+def test_live_mjpeg_url_with_max_frames(resnet18_onnx, tmp_path):
+    out = tmp_path / "live.avi"
+    with MjpegServer(shared("videos", "vtest.avi"), fps=30) as server:
+        assert main(["run", "--model", str(resnet18_onnx), "--source", server.url, "--output", str(out),
+                     "--no-display", "--max-frames", "15"]) == 0
+    frames, size, _ = decoded_frames(out)
+    assert len(frames) == 15 and size == (320, 180)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["run", "--source", "/no/such/video.mp4"], "source not found: /no/such/video.mp4"),
+    (["run", "--model", "/no/such/model.onnx"], "model file not found"),
+])
+def test_user_mistakes_get_one_line_and_exit_code_2(argv, match, capsys, resnet18_onnx):
+    if "--model" not in argv:
+        argv = [*argv, "--model", str(resnet18_onnx)]
+    assert main([*argv, "--no-display"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("realtime-cam: error: ") and match in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize("argv", [["run", "--alpha", "2"], ["run", "--max-frames", "0"],
+                                  ["run", "--method", "nope"], ["export", "--input-size", "0", "3"]])
+def test_out_of_range_options_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_output_folder_that_does_not_exist_is_refused_before_work(resnet18_onnx, capsys):
+    assert main(["run", "--model", str(resnet18_onnx), "--output", "/no/such/dir/o.mp4", "--no-display"]) == 2
+    assert "output folder does not exist" in capsys.readouterr().err
+
+
+def test_output_extension_opencv_cannot_write(resnet18_onnx, tmp_path, capsys):
+    assert main(["run", "--model", str(resnet18_onnx), "--output", str(tmp_path / "o.xyz"), "--no-display"]) == 2
+    assert "use one of" in capsys.readouterr().err
+
+
+def test_cli_choices_come_from_the_registries():
+    parser = build_parser()
+    run = parser._subparsers._group_actions[0].choices["run"]
+    method = next(a for a in run._actions if a.dest == "method")
+    assert set(method.choices) == set(METHODS)
+
+
+@needs_shared
+def test_run_without_model_exports_the_default_into_the_cache(tmp_path, monkeypatch, resnet18_state_dict):
+    pytest.importorskip("torchvision")
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copy(resnet18_state_dict, checkpoints / "resnet18-f37072fd.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("REALTIME_CAM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "o.png"
+    assert main(["run", "--source", str(shared("images", "darknet_dog.jpg")), "--output", str(out),
+                 "--no-display"]) == 0
+    assert (tmp_path / "cache" / "resnet18.onnx").exists() and out.exists()
+
+
+def test_run_without_model_and_without_the_export_extra_says_what_to_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REALTIME_CAM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "realtime_cam.export.from_torchvision", None)  # as if torch were absent
+    assert main(["run", "--no-display"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'realtime-cam[export]'" in err and "realtime-cam export" in err and "--model" in err
+
+
+@needs_shared
+def test_console_script_and_the_runtime_never_imports_torch(resnet18_onnx, tmp_path):
+    assert SCRIPT, "the realtime-cam console script is not installed"
+    out = tmp_path / "o.png"
+    res = subprocess.run([SCRIPT, "run", "--model", str(resnet18_onnx), "--source",
+                          str(shared("images", "darknet_eagle.jpg")), "--output", str(out), "--no-display"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert out.exists()
+    code = ("import sys; from realtime_cam.cli import main; "
+            f"rc = main(['run', '--model', {str(resnet18_onnx)!r}, '--source', "
+            f"{str(shared('images', 'darknet_eagle.jpg'))!r}, '--no-display']); "
+            "assert rc == 0; assert 'torch' not in sys.modules, 'runtime imported torch'; print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    res = subprocess.run([sys.executable, "-m", "realtime_cam", "--version"], capture_output=True, text=True)
+    assert res.returncode == 0 and "realtime-cam" in res.stdout
+
+
+@needs_shared
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_run_leaves_a_finalised_playable_video(resnet18_onnx, tmp_path, sig, code):
+    out = tmp_path / "o.mp4"
+    proc = subprocess.Popen([sys.executable, "-m", "realtime_cam", "run", "--model", str(resnet18_onnx),
+                             "--source", str(shared("videos", "vtest.avi")), "--output", str(out),
+                             "--no-display"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    for line in proc.stderr:  # wait until frames are flowing
+        if line.startswith("frames ") or time.monotonic() > deadline:
+            break
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "finalised" in err and "Traceback" not in err
+    frames, size, _ = decoded_frames(out)
+    assert 0 < len(frames) < 341 and size == (1280, 720)
+    assert not list(tmp_path.glob(".*partial*"))

@@ -1,0 +1,80 @@
+"""CamModel: the public API a user scripts against."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import needs_shared, shared
+from realtime_cam import CamModel, CamError
+from realtime_cam.cams import cam, normalize_map
+from realtime_cam.errors import DeviceError, ModelError
+
+
+@pytest.fixture(scope="module")
+def model(resnet18_onnx):
+    return CamModel(resnet18_onnx, device="cpu")
+
+
+def test_predict_returns_a_frozen_result_for_any_frame_size(model):
+    rng = np.random.default_rng(0)
+    for h, w in [(120, 160), (479, 641), (1, 1)]:
+        p = model.predict(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        assert p.cam.shape == (7, 7) and p.cam.dtype == np.float32
+        assert p.cam.min() == 0.0 and p.cam.max() == pytest.approx(1.0)
+        assert p.class_id == p.topk[0][0] and p.label == model.labels[p.class_id]
+        assert [t[2] for t in p.topk] == sorted((t[2] for t in p.topk), reverse=True)
+        assert len(p.topk) == 5 and p.probabilities.sum() == pytest.approx(1.0, abs=1e-4)
+        with pytest.raises(Exception):
+            p.class_id = 3  # frozen
+
+
+def test_cam_is_the_head_row_times_the_features(model):
+    frame = np.random.default_rng(1).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    logits, features = model.infer(frame)
+    p = model.predict(frame)
+    np.testing.assert_allclose(p.cam, normalize_map(cam(features, model.head_weight, p.class_id)), atol=1e-6)
+    # The head really is the network's: W @ GAP(features) + b gives back the logits.
+    np.testing.assert_allclose(model.head_weight @ features.mean(axis=(1, 2)) + model.head_bias, logits,
+                               atol=1e-3 * max(1, np.abs(logits).max()))
+
+
+def test_class_id_explains_that_class_instead(model):
+    frame = np.random.default_rng(2).integers(0, 256, (100, 100, 3), dtype=np.uint8)
+    top = model.predict(frame)
+    other = (top.class_id + 1) % model.num_classes
+    p = model.predict(frame, class_id=other)
+    assert p.class_id == other and p.label == model.labels[other]
+    assert p.probability == pytest.approx(float(p.probabilities[other]))
+    assert p.topk == top.topk
+    with pytest.raises(CamError, match="out of range"):
+        model.predict(frame, class_id=1000)
+
+
+def test_class_names_resolve(model):
+    assert model.class_id_for("tabby") == 281
+    assert model.class_id_for("Egyptian cat") == 285
+    assert model.class_id_for("281") == 281
+    with pytest.raises(CamError, match="no class named"):
+        model.class_id_for("unicorn")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this machine has CUDA")
+def test_explicit_cuda_without_a_cuda_provider_is_an_error(resnet18_onnx):
+    with pytest.raises(DeviceError, match="onnxruntime-gpu"):
+        CamModel(resnet18_onnx, device="cuda")
+    assert CamModel(resnet18_onnx, device="auto").provider == "CPUExecutionProvider"
+
+
+def test_missing_and_non_onnx_model_files(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        CamModel(tmp_path / "nope.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_text("this is not a protobuf")
+    with pytest.raises(ModelError, match="cannot read"):
+        CamModel(junk)
+
+
+@needs_shared
+def test_a_plain_classifier_is_refused_with_the_command_to_fix_it():
+    with pytest.raises(ModelError, match="export --from-onnx"):
+        CamModel(shared("models", "mobilenetv2-12-float-from-int8.onnx"))
