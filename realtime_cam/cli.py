@@ -52,6 +52,14 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _device_list(text: str) -> tuple[str, ...]:
+    devices = tuple(d.strip() for d in text.split(",") if d.strip())
+    bad = [d for d in devices if d not in ("cpu", "cuda")]
+    if not devices or bad:
+        raise argparse.ArgumentTypeError(f"devices are cpu and/or cuda, comma-separated; got {text!r}")
+    return devices
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -86,6 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--method", choices=sorted(METHODS), default="cam", help="map method")
     run.add_argument("--alpha", type=_fraction, default=0.5,
                      help="heatmap weight in the blend: (1-alpha)*frame + alpha*heatmap")
+
+    bench = sub.add_parser(
+        "bench", formatter_class=fmt,
+        help="frames per second on CPU vs GPU: inference, loop, file to file, per stage, vs the seed approach",
+        description="Measure, in one run, each model on each device that really runs it. Models after the first "
+                    "are also compared with the first (top-1 agreement, map Pearson r).",
+    )
+    bench.add_argument("--model", type=Path, action="append", default=None,
+                       help=f"contract file; repeat to compare (default: {default_model_path()})")
+    bench.add_argument("--source", default=None,
+                       help="video file to take frames from (default: a synthetic 640x360 clip)")
+    bench.add_argument("--device", type=_device_list, default=("cpu", "cuda"),
+                       help="comma-separated devices; one that cannot run is reported as skipped")
+    bench.add_argument("--frames", type=_positive_int, default=300, help="frames per measurement")
+    bench.add_argument("--warmup", type=_positive_int, default=20, help="untimed frames before each measurement")
+    bench.add_argument("--json", type=Path, default=None, help="write the full report as JSON")
+    bench.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG)")
+    bench.add_argument("--no-seed", action="store_true", help="skip the PyTorch seed-approach baseline")
 
     export = sub.add_parser(
         "export", formatter_class=fmt,
@@ -204,7 +230,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, format_table, plot_report, run_bench, write_json
+    from .sinks import check_output_path
+
+    for path, kinds in ((args.json, {".json"}), (args.plot, {".png"})):
+        if path is not None:
+            check_output_path(path, kinds)
+    models = tuple(args.model) if args.model else (default_model_path(),)
+    for path in models:
+        if not path.exists():
+            raise CamError(f"model file not found: {path} (make one with `realtime-cam export`)")
+    config = BenchConfig(models=models, source=args.source, devices=args.device, frames=args.frames,
+                         warmup=args.warmup, seed_baseline=not args.no_seed)
+    report = run_bench(config, log=log.info)
+    print(format_table(report))
+    if args.json is not None:
+        write_json(report, args.json)
+        log.info("wrote %s", args.json)
+    if args.plot is not None:
+        plot_report(report, args.plot)
+        log.info("wrote %s", args.plot)
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "export": cmd_export, "bench": cmd_bench}
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -7,9 +7,11 @@ renamed when closed, so a hard crash never leaves a file that looks complete but
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -81,6 +83,7 @@ class VideoFileSink(Sink):
         self.size_wh = size_wh
         self.fps = fps if fps > 0 else 30.0
         self.frames_written = 0
+        self.encode_ms: collections.deque[float] = collections.deque(maxlen=10_000)
         self._tmp = temporary_name(self.path)
         fourcc = cv2.VideoWriter_fourcc(*VIDEO_CODECS[self.path.suffix.lower()])
         self._writer = cv2.VideoWriter(str(self._tmp), fourcc, self.fps, size_wh)
@@ -102,7 +105,9 @@ class VideoFileSink(Sink):
             if self._error is not None:
                 continue  # keep draining so a blocked write() returns; the error surfaces there
             try:
+                t0 = time.perf_counter()
                 self._writer.write(image)
+                self.encode_ms.append((time.perf_counter() - t0) * 1000.0)
                 self.frames_written += 1
             except BaseException as exc:
                 self._error = exc

@@ -177,6 +177,7 @@ class CaptureSource(FrameSource):
         count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         self.frame_count = count if count > 0 and not live else None
         self._buffer = FrameBuffer("latest" if live else "queue")
+        self.decode_ms: collections.deque[float] = collections.deque(maxlen=10_000)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -185,10 +186,14 @@ class CaptureSource(FrameSource):
         index = 1
         try:
             while not self._stop.is_set():
+                t0 = time.perf_counter()
                 ok, image = self._cap.read()
                 if not ok or image is None:
                     break
-                if not self._buffer.put(Frame(index, as_bgr(image), time.perf_counter())):
+                image = as_bgr(image)
+                t1 = time.perf_counter()
+                self.decode_ms.append((t1 - t0) * 1000.0)
+                if not self._buffer.put(Frame(index, image, t1)):
                     break
                 index += 1
         except BaseException as exc:  # surfaces in the main thread through the buffer

@@ -1,0 +1,341 @@
+"""`realtime-cam bench`: frames per second on CPU vs GPU, measured in one run, reported as ratios.
+
+For each model and each device that really runs it: inference alone, the whole loop on frames held in
+memory, and file to file (decode thread -> loop -> encode thread); per-stage median/p95; and, when torch
+is installed, the seed approach (PyTorch eager forward + numpy CAM + OpenCV overlay) as a baseline.
+Models after the first are also compared with the first for fidelity (top-1 agreement, map Pearson r).
+FPS over N frames is (N - 1) / (t_last - t_first), after a warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+
+from . import __version__
+from .errors import CamError, DeviceError
+from .model import CamModel
+from .overlay import render
+from .pipeline import RunOptions, StageTimes, run_loop
+from .progress import Progress
+from .sinks import NullSink, VideoFileSink
+from .sources import CaptureSource, Frame, open_source
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure.
+
+    Attributes:
+        models: contract files; the first is the reference for fidelity.
+        source: a video file the frames come from (None: a synthetic 640x360 clip made for the run).
+        devices: "cpu" and/or "cuda"; a device that cannot run is reported as skipped.
+        frames: frames per measurement (after the warm-up).
+        warmup: frames run before each measurement and not timed.
+        seed_baseline: also time the seed approach (needs torch; skipped without it).
+    """
+
+    models: tuple[Path, ...]
+    source: str | None = None
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    frames: int = 300
+    warmup: int = 20
+    seed_baseline: bool = True
+
+
+def fps_of(stamps: Sequence[float]) -> float:
+    """(N - 1) / (t_last - t_first): the rate between the first and the last of N completions."""
+    if len(stamps) < 2 or stamps[-1] <= stamps[0]:
+        return 0.0
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def _stats_ms(values_ms: Sequence[float]) -> dict[str, float]:
+    arr = np.asarray(values_ms, dtype=np.float64)
+    return {"median_ms": float(np.median(arr)), "p95_ms": float(np.percentile(arr, 95))}
+
+
+def synthetic_video(path: Path, frames: int = 120, size_wh: tuple[int, int] = (640, 360)) -> Path:
+    """A small clip of moving shapes, for a benchmark with no --source."""
+    w, h = size_wh
+    with VideoFileSink(path, 30.0, size_wh) as sink:
+        for i in range(frames):
+            img = np.full((h, w, 3), 40, np.uint8)
+            cv2.circle(img, (int(w * (0.2 + 0.6 * i / frames)), h // 2), h // 5, (30, 160, 230), -1)
+            cv2.rectangle(img, (w // 10, h // 10), (w // 10 + h // 4, h // 10 + h // 4), (200, 200, 200), -1)
+            sink.write(img)
+    return path
+
+
+def load_frames(source: str, count: int) -> list[np.ndarray]:
+    """The first ``count`` frames of a video, looping it when it is shorter."""
+    frames: list[np.ndarray] = []
+    while len(frames) < count:
+        before = len(frames)
+        with open_source(source) as src:
+            if src.live:
+                raise CamError("bench needs a video file as --source (frames are replayed from memory)")
+            for frame in src:
+                frames.append(frame.image_bgr)
+                if len(frames) == count:
+                    break
+        if len(frames) == before:
+            raise CamError(f"no frames in {source}")
+    return frames
+
+
+def bench_inference(model: CamModel, frames: list[np.ndarray], warmup: int) -> dict:
+    """Inference alone on prepared inputs: what the hardware and the runtime can do."""
+    batches = [model.prepare(f).copy() for f in frames]
+    for b in batches[:warmup]:
+        model.forward(b)
+    stamps, durations = [], []
+    for b in batches:
+        t0 = time.perf_counter()
+        model.forward(b)
+        t1 = time.perf_counter()
+        stamps.append(t1)
+        durations.append((t1 - t0) * 1000.0)
+    return {"fps": fps_of(stamps), **_stats_ms(durations)}
+
+
+def bench_pipeline_memory(model: CamModel, frames: list[np.ndarray], warmup: int) -> dict:
+    """The whole loop (preprocess, inference, CAM, overlay) on frames already in memory, output dropped."""
+    run_loop(model, (Frame(i, f, 0.0) for i, f in enumerate(frames[:warmup])), sinks=[NullSink()])
+    result = run_loop(model, (Frame(i, f, time.perf_counter()) for i, f in enumerate(frames)), sinks=[NullSink()])
+    return {"fps": result.fps, "stages": result.stage_ms}
+
+
+def bench_file_to_file(model: CamModel, source: str, count: int, out_dir: Path) -> dict:
+    """Source file -> loop -> mp4, as `realtime-cam run --no-display --output` does it."""
+    out = out_dir / "bench-output.mp4"
+    with open_source(source) as src, VideoFileSink(out, src.fps, src.size_wh) as sink:
+        result = run_loop(model, src, sinks=[sink], options=RunOptions(max_frames=count))
+        decode = list(src.decode_ms) if isinstance(src, CaptureSource) else []
+    stages = dict(result.stage_ms)
+    if decode:
+        stages["decode"] = _stats_ms(decode)
+    if sink.encode_ms:
+        stages["encode"] = _stats_ms(list(sink.encode_ms))
+    out.unlink(missing_ok=True)
+    return {"fps": result.fps, "frames": result.frames, "stages": stages}
+
+
+def bench_seed(model: CamModel, frames: list[np.ndarray], device: str, warmup: int) -> dict | None:
+    """The seed approach: a PyTorch eager ResNet18 forward with a hook, numpy CAM, OpenCV overlay.
+
+    Weights do not change speed, so it uses torchvision's resnet18 with random weights at the model's
+    input size. Returns None when torch/torchvision are not installed.
+    """
+    try:
+        import torch
+        import torchvision
+    except ImportError:
+        return None
+    dev = "cuda" if device == "cuda" else "cpu"
+    if dev == "cuda" and not torch.cuda.is_available():
+        return None
+    net = torchvision.models.resnet18(weights=None).eval().to(dev)
+    feats: dict = {}
+    net.layer4.register_forward_hook(lambda m, i, o: feats.__setitem__("f", o))
+    weight = net.fc.weight.detach().cpu().numpy()
+    h, w = model.info.input_size_hw
+    mean = torch.tensor(model.info.mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(model.info.std, device=dev).view(1, 3, 1, 1)
+
+    def one(frame: np.ndarray) -> np.ndarray:
+        rgb = cv2.cvtColor(cv2.resize(frame, (w, h)), cv2.COLOR_BGR2RGB)
+        x = torch.from_numpy(rgb).to(dev).permute(2, 0, 1).unsqueeze(0).float().div(255.0)
+        with torch.no_grad():
+            logits = net((x - mean) / std)
+        c = int(logits.argmax())
+        f = feats["f"][0].cpu().numpy()
+        cam = np.tensordot(weight[c], f, axes=1)
+        cam = (cam - cam.min()) / (cam.max() - cam.min() + 1e-12)
+        heat = cv2.applyColorMap(np.uint8(255 * cv2.resize(cam, (frame.shape[1], frame.shape[0]))),
+                                 cv2.COLORMAP_JET)
+        return cv2.addWeighted(frame, 0.5, heat, 0.5, 0)
+
+    for f in frames[:warmup]:
+        one(f)
+    stamps = []
+    for f in frames:
+        one(f)
+        stamps.append(time.perf_counter())
+    return {"fps": fps_of(stamps), "torch": torch.__version__, "device": dev, "threads": torch.get_num_threads()}
+
+
+def fidelity(reference: CamModel, candidate: CamModel, frames: list[np.ndarray]) -> dict:
+    """Top-1 agreement and the Pearson r of the maps for the reference's class, frame by frame."""
+    from .cams import cam
+
+    agree, rs = [], []
+    for frame in frames:
+        ref_logits, ref_feats = reference.infer(frame)
+        logits, feats = candidate.infer(frame)
+        c = int(np.argmax(ref_logits))
+        agree.append(int(np.argmax(logits)) == c)
+        a = cam(ref_feats, reference.head_weight, c).ravel().astype(np.float64)
+        b = cam(feats, candidate.head_weight, c).ravel().astype(np.float64)
+        rs.append(float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float(np.array_equal(a, b)))
+    return {"frames": len(frames), "top1_agreement_pct": 100.0 * float(np.mean(agree)),
+            "map_pearson_r_median": float(np.median(rs)), "map_pearson_r_min": float(np.min(rs))}
+
+
+def environment() -> dict:
+    """Versions, CPU model and thread counts: what a reader needs to compare two benchmark runs."""
+    import onnxruntime as ort
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    env = {
+        "realtime_cam": __version__, "python": platform.python_version(), "numpy": np.__version__,
+        "opencv": cv2.__version__, "onnxruntime": ort.__version__,
+        "onnxruntime_providers": ort.get_available_providers(), "cpu": cpu, "cpu_count": os.cpu_count(),
+        "opencv_threads": cv2.getNumThreads(), "platform": platform.platform(),
+    }
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return env
+
+
+def run_bench(config: BenchConfig, log: Log = print) -> dict:
+    """Measure every (model, device) pair; returns the JSON-ready report."""
+    report: dict = {"config": {"models": [str(m) for m in config.models], "source": config.source,
+                               "devices": list(config.devices), "frames": config.frames,
+                               "warmup": config.warmup},
+                    "environment": environment(), "results": [], "skipped": []}
+    with tempfile.TemporaryDirectory(prefix="realtime-cam-bench-") as tmp:
+        tmp_dir = Path(tmp)
+        source = config.source or str(synthetic_video(tmp_dir / "synthetic.mp4"))
+        frames = load_frames(source, config.frames + config.warmup)
+        with open_source(source) as src:
+            report["config"]["source_size_wh"] = list(src.size_wh)
+        reference: CamModel | None = None
+        for device in config.devices:
+            seed_done = False
+            for index, path in enumerate(config.models):
+                try:
+                    model = CamModel(path, device=device)
+                except DeviceError as exc:
+                    report["skipped"].append({"model": str(path), "device": device, "why": str(exc)})
+                    log(f"skip {device}: {exc}")
+                    break
+                if device == "cuda" and model.provider != "CUDAExecutionProvider":
+                    report["skipped"].append({"model": str(path), "device": device,
+                                              "why": f"runs on {model.provider}"})
+                    break
+                name = Path(path).name
+                log(f"[{device}] {name} on {model.provider}: inference only")
+                row = {"model": str(path), "device": device, "provider": model.provider,
+                       "source": model.info.source}
+                row["inference"] = bench_inference(model, frames, config.warmup)
+                log(f"[{device}] {name}: loop on frames in memory")
+                row["pipeline"] = bench_pipeline_memory(model, frames, config.warmup)
+                log(f"[{device}] {name}: file to file")
+                row["file_to_file"] = bench_file_to_file(model, source, config.frames, tmp_dir)
+                row["ratios"] = {"file_to_file_vs_inference": row["file_to_file"]["fps"] / row["inference"]["fps"]}
+                if index == 0:
+                    reference = model
+                elif reference is not None and reference.provider == model.provider:
+                    log(f"[{device}] {name}: fidelity against {Path(config.models[0]).name}")
+                    row["fidelity_vs_first"] = fidelity(reference, model, frames[:: max(1, len(frames) // 100)])
+                report["results"].append(row)
+                if config.seed_baseline and not seed_done:
+                    log(f"[{device}] seed approach (PyTorch eager + numpy CAM + OpenCV overlay)")
+                    seed = bench_seed(model, frames, device, config.warmup)
+                    seed_done = True
+                    if seed is not None:
+                        report.setdefault("seed_baseline", {})[device] = seed
+            reference = None
+        for row in report["results"]:
+            seed = report.get("seed_baseline", {}).get(row["device"])
+            if seed:
+                row["ratios"]["pipeline_vs_seed"] = row["pipeline"]["fps"] / seed["fps"]
+                row["ratios"]["file_to_file_vs_seed"] = row["file_to_file"]["fps"] / seed["fps"]
+    return report
+
+
+def format_table(report: dict) -> str:
+    """A plain-text table of the report: one row per (model, device)."""
+    head = ["model", "device", "infer FPS", "loop FPS", "file FPS", "file/infer", "loop/seed", "fidelity"]
+    rows = [head]
+    for r in report["results"]:
+        fid = r.get("fidelity_vs_first")
+        rows.append([
+            Path(r["model"]).name, r["device"], f"{r['inference']['fps']:.1f}", f"{r['pipeline']['fps']:.1f}",
+            f"{r['file_to_file']['fps']:.1f}", f"{r['ratios']['file_to_file_vs_inference']:.2f}",
+            f"{r['ratios']['pipeline_vs_seed']:.2f}" if "pipeline_vs_seed" in r["ratios"] else "-",
+            f"top1 {fid['top1_agreement_pct']:.0f}% r {fid['map_pearson_r_median']:.3f}" if fid else "-",
+        ])
+    for device, seed in report.get("seed_baseline", {}).items():
+        rows.append(["seed (torch eager)", device, "-", f"{seed['fps']:.1f}", "-", "-", "1.00", "-"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    stage_lines = []
+    for r in report["results"]:
+        stages = {**r["pipeline"]["stages"], **{k: v for k, v in r["file_to_file"]["stages"].items()
+                                                 if k in ("decode", "encode")}}
+        parts = [f"{k} {v['median_ms']:.2f}/{v['p95_ms']:.2f}" for k, v in stages.items() if k != "wait"]
+        stage_lines.append(f"  {Path(r['model']).name} [{r['device']}] ms median/p95: " + ", ".join(parts))
+    return "\n".join(lines + ["", "per stage:"] + stage_lines)
+
+
+def plot_report(report: dict, path: Path) -> None:
+    """A horizontal bar chart of FPS per (model, device, measurement), drawn with OpenCV."""
+    bars = []
+    for r in report["results"]:
+        label = f"{Path(r['model']).stem} [{r['device']}]"
+        bars += [(f"{label} inference", r["inference"]["fps"], (200, 120, 40)),
+                 (f"{label} loop", r["pipeline"]["fps"], (60, 170, 60)),
+                 (f"{label} file-to-file", r["file_to_file"]["fps"], (40, 140, 230))]
+    for device, seed in report.get("seed_baseline", {}).items():
+        bars.append((f"seed torch eager [{device}]", seed["fps"], (120, 120, 120)))
+    if not bars:
+        raise CamError("nothing was measured: no chart to draw")
+    row_h, left, width = 30, 360, 1000
+    img = np.full((row_h * len(bars) + 70, width, 3), 255, np.uint8)
+    cv2.putText(img, "realtime-cam bench: frames per second", (10, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 0, 0), 2,
+                cv2.LINE_AA)
+    top = max(v for _, v, _ in bars)
+    for i, (label, value, colour) in enumerate(bars):
+        y = 50 + i * row_h
+        cv2.putText(img, label, (10, y + 19), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        length = int((width - left - 90) * value / top)
+        cv2.rectangle(img, (left, y + 4), (left + length, y + row_h - 4), colour, -1)
+        cv2.putText(img, f"{value:.1f}", (left + length + 6, y + 19), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    if not cv2.imwrite(str(path), img):
+        raise CamError(f"cannot write the chart {path}")
+
+
+def write_json(report: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
