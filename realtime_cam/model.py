@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .cams import METHODS, normalize_map, softmax
+from .cams import METHODS, compute_map, normalize_map, softmax
 from .contract import FEATURES, LOGITS, ModelInfo, read_contract
 from .errors import CamError, DeviceError, ModelError
 from .preprocess import Preprocessor, as_bgr
@@ -61,6 +61,13 @@ def _providers(device: str) -> list[str]:
     if device == "cpu":
         return [CPU]
     if CUDA in available:
+        # onnxruntime-gpu installed with pip finds the pip-installed CUDA/cuDNN libraries this way.
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None:
+            try:
+                preload()
+            except Exception as exc:  # a missing library shows up again, clearly, when the session starts
+                log.debug("onnxruntime.preload_dlls failed: %s", exc)
         return [CUDA, CPU]
     if device == "cuda":
         raise DeviceError(
@@ -189,10 +196,8 @@ class CamModel:
         topk: int = 5,
     ) -> Prediction:
         """Turn one frame's network outputs into a Prediction with its normalised map."""
-        try:
-            map_fn = METHODS[method]
-        except KeyError:
-            raise CamError(f"unknown map method {method!r}; choose from {', '.join(METHODS)}") from None
+        if method not in METHODS:
+            raise CamError(f"unknown map method {method!r}; choose from {', '.join(METHODS)}")
         probabilities = softmax(logits)
         k = max(1, min(int(topk), probabilities.shape[0]))
         top = np.argpartition(-probabilities, k - 1)[:k]
@@ -201,7 +206,7 @@ class CamModel:
             class_id = int(top[0])
         else:
             self._check_class(int(class_id))
-        raw = map_fn(features_chw, self.head_weight, int(class_id))
+        raw = compute_map(method, features_chw, self.head_weight, int(class_id))
         return Prediction(
             class_id=int(class_id),
             label=self.labels[class_id],

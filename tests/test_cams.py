@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from realtime_cam.cams import METHODS, cam, normalize_map, softmax
+from realtime_cam.cams import METHODS, cam, compute_map, eigencam, gradcam, gradcam_pp, normalize_map, softmax
 
 
 def reference_cam(features, weight, class_id):
@@ -61,7 +61,48 @@ def test_every_registered_method_returns_a_map_at_feature_resolution():
     rng = np.random.default_rng(2)
     features = rng.random((16, 3, 4)).astype(np.float32)
     weight = rng.standard_normal((5, 16)).astype(np.float32)
-    for name, method in METHODS.items():
-        out = method(features, weight, 2)
+    for name in METHODS:
+        out = compute_map(name, features, weight, 2)
         assert out.shape == (3, 4), name
         assert np.isfinite(out).all(), name
+
+
+def test_gradcam_equals_relu_cam_over_hw_for_a_gap_linear_head():
+    rng = np.random.default_rng(3)
+    features = rng.standard_normal((32, 6, 5)).astype(np.float32)
+    weight = rng.standard_normal((7, 32)).astype(np.float32)
+    for c in range(7):
+        expected = np.maximum(cam(features, weight, c), 0) / 30.0
+        np.testing.assert_allclose(compute_map("gradcam", features, weight, c), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gradcam_pp_matches_its_published_formula_written_out():
+    # Chattopadhay et al. eq. 19 with dY/dA = w/(hw), second and third powers of it, written by loops.
+    rng = np.random.default_rng(4)
+    features = rng.random((8, 3, 3)).astype(np.float64)
+    weight = rng.standard_normal((2, 8))
+    c, (k_, h, w) = 1, features.shape
+    g = weight[c] / (h * w)
+    alpha_w = np.zeros(k_)
+    for k in range(k_):
+        if g[k] == 0:
+            continue
+        a = g[k] ** 2 / (2 * g[k] ** 2 + features[k].sum() * g[k] ** 3 + 1e-7)
+        alpha_w[k] = (a * max(g[k], 0)) * h * w
+    expected = np.maximum(np.tensordot(alpha_w, features, axes=1), 0)
+    np.testing.assert_allclose(compute_map("gradcam++", features.astype(np.float32), weight.astype(np.float32), c),
+                               expected, rtol=1e-4, atol=1e-6)
+
+
+def test_eigencam_is_the_first_principal_component_with_a_stable_sign():
+    rng = np.random.default_rng(5)
+    pattern = np.zeros((4, 4), np.float32)
+    pattern[1:3, 1:3] = 1.0
+    # Every channel is the same blob at a different strength, plus a little noise.
+    features = (rng.random((16, 1, 1)) * pattern + 0.01 * rng.random((16, 4, 4))).astype(np.float32)
+    out = eigencam(features, np.zeros((3, 16), np.float32), 0)
+    assert np.corrcoef(out.ravel(), pattern.ravel())[0, 1] > 0.99  # hot where the blob is, not inverted
+    x = features.reshape(16, 16).T - features.reshape(16, 16).T.mean(0)
+    v1 = np.linalg.svd(x, full_matrices=False)[2][0]
+    assert abs(np.corrcoef(out.ravel(), x @ v1)[0, 1]) > 0.9999
+    assert (eigencam(np.ones((4, 3, 3), np.float32), None, 0) == 0).all()  # no variance: a zero map

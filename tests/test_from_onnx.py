@@ -8,7 +8,6 @@ onnxruntime.quantization), and heads built directly with onnx.helper for the ref
 from __future__ import annotations
 
 import csv
-import io
 import warnings
 from pathlib import Path
 
@@ -42,7 +41,7 @@ class Contract:
 
     def __init__(self, path: Path) -> None:
         model = onnx.load(str(path))
-        self.outputs = [o for o in model.graph.output]
+        self.outputs = list(model.graph.output)
         self.info, self.weight, self.bias = read_contract(model)
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -293,13 +292,17 @@ def test_float_torch_heads_match_pytorch(tmp_path, head):
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4)  # pre-softmax, also for "softmax"
 
 
-QUANTIZED_HEADS = {  # (head, format) -> the ops the rewrite must find
+QUANTIZED_HEADS = {  # (head, onnxruntime quantization format) -> the ops the rewrite must find
     ("gemm", "QDQ"): "GlobalAveragePool -> QuantizeLinear -> DequantizeLinear -> Flatten -> QuantizeLinear "
                      "-> DequantizeLinear -> Gemm -> QuantizeLinear -> DequantizeLinear",
+    ("conv1x1", "QDQ"): "GlobalAveragePool -> QuantizeLinear -> DequantizeLinear -> Conv -> QuantizeLinear "
+                        "-> DequantizeLinear -> Flatten -> QuantizeLinear -> DequantizeLinear",
     ("gemm", "QOperator"): "QLinearGlobalAveragePool -> Flatten -> QGemm -> DequantizeLinear",
-    ("matmul", "QOperator"): None,
-    ("conv1x1", "QOperator"): None,
-    ("conv1x1", "QDQ"): None,
+    ("matmul", "QOperator"): "QLinearGlobalAveragePool -> Flatten -> QLinearMatMul -> QLinearAdd -> DequantizeLinear",
+    ("conv1x1", "QOperator"): "QLinearGlobalAveragePool -> QLinearConv -> Flatten -> DequantizeLinear",
+    ("reducemean", "QOperator"): "ReduceMean -> QuantizeLinear -> QGemm -> DequantizeLinear",
+    ("avgpool", "QOperator"): "QLinearAveragePool -> Flatten -> QGemm -> DequantizeLinear",
+    ("softmax", "QOperator"): "QLinearGlobalAveragePool -> Flatten -> QGemm -> QLinearSoftmax -> DequantizeLinear",
 }
 
 
@@ -314,9 +317,7 @@ def test_quantized_torch_heads_follow_pytorch(tmp_path, head, fmt):
         quantize_static(str(tmp_path / "net.onnx"), str(tmp_path / "int8.onnx"), _calibration_reader(),
                         quant_format=getattr(QuantFormat, fmt), per_channel=True)
     report, _ = rewrite(tmp_path / "int8.onnx", tmp_path / "cam.onnx")
-    expected = QUANTIZED_HEADS[(head, fmt)]
-    if expected is not None:
-        assert report.head_kind == expected
+    assert report.head_kind == QUANTIZED_HEADS[(head, fmt)]
     assert report.quantized and report.logits_max_abs_diff == 0.0
     assert report.head_max_abs_error <= report.head_error_bound
 
@@ -332,3 +333,139 @@ def test_quantized_torch_heads_follow_pytorch(tmp_path, head, fmt):
     for n in range(x.shape[0]):
         class_id = int(ref_cams[n].mean(axis=(1, 2)).argmax())
         assert correlation(cams[n, class_id], ref_cams[n, class_id]) >= 0.95
+
+
+# ----------------------------------------------------------------------------- heads built with onnx.helper
+def _helper_model(head_nodes: list, head_inits: list, num_classes: int, channels: int = 4,
+                  input_dims: tuple = ("batch", 3, 8, 8), map_name: str = "map",
+                  output_name: str = "output") -> onnx.ModelProto:
+    """input -> Conv 3x3 -> Relu -> ``map_name`` [N, channels, 8, 8] -> head_nodes -> ``output_name``."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((channels, 3, 3, 3), dtype=np.float32), "conv.w"),
+             *head_inits]
+    nodes = [helper.make_node("Conv", ["input", "conv.w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv"], [map_name]), *head_nodes]
+    graph = helper.make_graph(
+        nodes, "head", [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(input_dims))],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [input_dims[0], num_classes])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _array(name: str, *shape: int, seed: int = 4) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32), name)
+
+
+REFUSALS = {  # name -> (head nodes, head initializers, classes, channels, words the message must hold)
+    "mlp": ([helper.make_node("GlobalAveragePool", ["map"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc1.w", "fc1.b"], ["hidden"], transB=1),
+             helper.make_node("Relu", ["hidden"], ["act"]),
+             helper.make_node("Gemm", ["act", "fc2.w", "fc2.b"], ["output"], transB=1)],
+            [_array("fc1.w", 6, 4), _array("fc1.b", 6), _array("fc2.w", 3, 6), _array("fc2.b", 3)], 3, 4,
+            ["MLP head", "GlobalAveragePool -> Flatten -> Gemm -> Relu -> Gemm", "'map' [1, 4, 8, 8]"]),
+    "squeezenet": ([helper.make_node("Conv", ["map", "cls.w", "cls.b"], ["cls"]),
+                    helper.make_node("Relu", ["cls"], ["cls_relu"]),
+                    helper.make_node("GlobalAveragePool", ["cls_relu"], ["pooled"]),
+                    helper.make_node("Flatten", ["pooled"], ["logits_"]),
+                    helper.make_node("Softmax", ["logits_"], ["output"], axis=1)],
+                   [_array("cls.w", 5, 4, 1, 1), _array("cls.b", 5)], 5, 4,
+                   ["before the pooling", "SqueezeNet", "5-channel map 'cls_relu'", "not support"]),
+    "no pooling": ([helper.make_node("Flatten", ["map"], ["flat"]),
+                    helper.make_node("Gemm", ["flat", "fc.w"], ["output"], transB=1)],
+                   [_array("fc.w", 3, 256)], 3, 4,
+                   ["no global average pooling", "'map' [1, 4, 8, 8] the graph does Flatten -> Gemm"]),
+    "max pooling": ([helper.make_node("GlobalMaxPool", ["map"], ["pooled"]),
+                     helper.make_node("Flatten", ["pooled"], ["flat"]),
+                     helper.make_node("Gemm", ["flat", "fc.w"], ["output"], transB=1)],
+                    [_array("fc.w", 3, 4)], 3, 4, ["GlobalMaxPool is not a global average pooling"]),
+    "channel mean": ([helper.make_node("ReduceMean", ["map"], ["pooled"], axes=[1], keepdims=0),
+                      helper.make_node("Flatten", ["pooled"], ["flat"]),
+                      helper.make_node("Gemm", ["flat", "fc.w"], ["output"], transB=1)],
+                     [_array("fc.w", 3, 64)], 3, 4, ["ReduceMean over axes [1], not the spatial axes"]),
+    "attention pooling": ([
+        helper.make_node("Reshape", ["map", "tokens.shape"], ["tokens_cn"]),
+        helper.make_node("Transpose", ["tokens_cn"], ["tokens"], perm=[0, 2, 1]),  # [N, 64, 4]
+        helper.make_node("ReduceMean", ["tokens"], ["query"], axes=[1], keepdims=1),  # [N, 1, 4]
+        helper.make_node("MatMul", ["query", "tokens_cn"], ["scores"]),  # [N, 1, 64]
+        helper.make_node("Softmax", ["scores"], ["attention"], axis=-1),
+        helper.make_node("MatMul", ["attention", "tokens"], ["attended"]),  # [N, 1, 4]
+        helper.make_node("Reshape", ["attended", "pooled.shape"], ["pooled"]),
+        helper.make_node("Gemm", ["pooled", "fc.w"], ["output"], transB=1)],
+        [numpy_helper.from_array(np.int64([0, 4, 64]), "tokens.shape"),
+         numpy_helper.from_array(np.int64([0, 4]), "pooled.shape"), _array("fc.w", 3, 4)], 3, 4,
+        ["no global average pooling",
+         "Reshape -> Transpose -> ReduceMean -> MatMul -> Softmax -> MatMul -> Reshape -> Gemm"]),
+}
+
+
+@pytest.mark.parametrize("name", REFUSALS)
+def test_heads_without_a_cam_are_refused(tmp_path, name):
+    nodes, inits, num_classes, channels, words = REFUSALS[name]
+    src = tmp_path / "model.onnx"
+    onnx.save(_helper_model(nodes, inits, num_classes, channels), str(src))
+    with pytest.raises(ExportError) as excinfo:
+        rewrite(src, tmp_path / "cam.onnx")
+    message = str(excinfo.value)
+    assert "\n" not in message and "model.onnx" in message
+    for word in words:
+        assert word in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # nothing half-written
+
+
+def _gemm_head(num_classes: int = 3, channels: int = 4, map_name: str = "map") -> tuple[list, list]:
+    return ([helper.make_node("GlobalAveragePool", [map_name], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["output"], transB=1, alpha=0.5, beta=2.0)],
+            [_array("fc.w", num_classes, channels), _array("fc.b", num_classes, seed=5)])
+
+
+def test_gemm_alpha_beta_labels_bgr_and_clashing_names(tmp_path):
+    """A fixed batch of 1, Gemm's alpha/beta folded into W and b, a labels file, BGR defaults, and a model
+    whose own tensors are already called 'features' and 'logits'."""
+    nodes, inits = _gemm_head(map_name="features")
+    nodes[-1].output[0] = "logits"
+    model = _helper_model(nodes, inits, 3, input_dims=(1, 3, 8, 8), map_name="features", output_name="logits")
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    (tmp_path / "labels.txt").write_text("cat\ndog\nbird\n")
+    report, _ = rewrite(tmp_path / "model.onnx", tmp_path / "cam.onnx", labels_path=str(tmp_path / "labels.txt"),
+                        bgr=True)
+    assert report.head_kind == "GlobalAveragePool -> Flatten -> Gemm" and report.logits_max_abs_diff == 0.0
+    contract = Contract(tmp_path / "cam.onnx")
+    assert contract.info.labels == ("cat", "dog", "bird") and contract.info.channel_order == "BGR"
+    assert contract.info.mean == pytest.approx(MEAN_RGB[::-1]) and contract.info.std == pytest.approx(STD_RGB[::-1])
+    w, b = (numpy_helper.to_array(i) for i in inits)
+    np.testing.assert_allclose(contract.weight, 0.5 * w, rtol=1e-6)
+    np.testing.assert_allclose(contract.bias, 2.0 * b, rtol=1e-6)
+    x = np.random.default_rng(6).standard_normal((1, 3, 8, 8), dtype=np.float32)
+    logits, features = contract.run(x)
+    model.graph.output.append(onnx.ValueInfoProto(name="features"))  # the original, its map exposed
+    original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference_logits, reference_map = original.run(["logits", "features"], {"input": x})
+    np.testing.assert_array_equal(logits, reference_logits)
+    np.testing.assert_array_equal(features, reference_map)
+
+    (tmp_path / "labels.txt").write_text("cat\ndog\n")
+    with pytest.raises(ExportError, match="2 names but the model has 3 classes"):
+        rewrite(tmp_path / "model.onnx", tmp_path / "cam2.onnx", labels_path=str(tmp_path / "labels.txt"))
+
+
+def test_dynamic_input_size_needs_to_be_given(tmp_path):
+    nodes, inits = _gemm_head()
+    onnx.save(_helper_model(nodes, inits, 3, input_dims=("batch", 3, "height", "width")), str(tmp_path / "m.onnx"))
+    with pytest.raises(ExportError, match="--input-size H W"):
+        rewrite(tmp_path / "m.onnx", tmp_path / "cam.onnx")
+    assert not (tmp_path / "cam.onnx").exists()
+    report, _ = rewrite(tmp_path / "m.onnx", tmp_path / "cam.onnx", input_size_hw=(16, 12))
+    assert report.feature_shape_chw == (4, 16, 12)
+    contract = Contract(tmp_path / "cam.onnx")
+    assert contract.info.input_size_hw == (16, 12)
+    _, features = contract.run(np.zeros((2, 3, 24, 20), np.float32))  # any size still runs
+    assert features.shape == (2, 4, 24, 20)
+
+
+def test_unreadable_model_is_an_export_error(tmp_path):
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ExportError, match="cannot read"):
+        rewrite(tmp_path / "junk.onnx", tmp_path / "cam.onnx")
+    with pytest.raises(ExportError, match="no ONNX model"):
+        rewrite(tmp_path / "missing.onnx", tmp_path / "cam.onnx")
