@@ -78,3 +78,37 @@ def test_missing_and_non_onnx_model_files(tmp_path):
 def test_a_plain_classifier_is_refused_with_the_command_to_fix_it():
     with pytest.raises(ModelError, match="export --from-onnx"):
         CamModel(shared("models", "mobilenetv2-12-float-from-int8.onnx"))
+
+
+@needs_shared
+def test_real_pretrained_classifier_through_the_runtime(mnv2_int8_onnx):
+    import cv2
+
+    model = CamModel(mnv2_int8_onnx, device="cpu")
+    cat = model.predict(cv2.imread(str(shared("images", "skimage_chelsea.png"))))
+    assert cat.class_id in range(281, 286), cat.label       # a cat class
+    eagle = model.predict(cv2.imread(str(shared("images", "darknet_eagle.jpg"))))
+    assert eagle.label == "bald eagle"
+    assert eagle.cam.shape == (7, 7) and eagle.cam.max() == pytest.approx(1.0)
+
+
+@needs_shared
+def test_bottle_video_map_follows_the_bottles(mnv2_int8_onnx):
+    import cv2
+
+    from realtime_cam.localize import upsample
+    from realtime_cam.sources import open_source
+
+    model = CamModel(mnv2_int8_onnx, device="cpu")
+    labels, peaks_in_band = [], []
+    with open_source(str(shared("videos", "bottle-detection.mp4"))) as src:
+        for frame in src:
+            if frame.index % 40:
+                continue
+            p = model.predict(frame.image_bgr)
+            labels.append(p.label)
+            up = upsample(p.cam, src.size_wh)
+            y, _ = np.unravel_index(int(up.argmax()), up.shape)
+            peaks_in_band.append(80 <= y <= 330)   # the bottles stand between y=100 and y=320 of 360
+    assert sum("bottle" in label for label in labels) >= 0.8 * len(labels), labels
+    assert np.mean(peaks_in_band) >= 0.9
