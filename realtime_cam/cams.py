@@ -126,3 +126,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     np.exp(shifted, out=shifted)
     shifted /= shifted.sum(axis=-1, keepdims=True)
     return shifted
+
+
+def top_k_ids(probabilities: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k largest values, largest first (ties: lower id first)."""
+    k = max(1, min(int(k), probabilities.shape[0]))
+    top = np.argpartition(-probabilities, k - 1)[:k]
+    return top[np.lexsort((top, -probabilities[top]))]

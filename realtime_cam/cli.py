@@ -12,6 +12,8 @@ from typing import Sequence
 
 from . import __version__
 from .cams import METHODS
+from .overlay import COLORMAPS
+from .temporal import SCALES
 from .errors import CamError
 from .model import DEVICES
 from .paths import default_model_path
@@ -42,6 +44,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _smooth_weight(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
     return value
 
 
@@ -90,10 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-display", action="store_true", help="no window (headless; use with --output)")
     run.add_argument("--max-frames", type=_positive_int, default=None, help="stop after N frames")
     run.add_argument("--class", dest="class_name", default=None, metavar="NAME|ID",
-                     help="explain this class on every frame instead of the top-1")
-    run.add_argument("--method", choices=sorted(METHODS), default="cam", help="map method")
+                     help="pin the explained class (a label, a unique prefix of one, or an id) instead of the top-1")
+    run.add_argument("--topk", type=_positive_int, default=3, help="how many classes to list (n/p step through them)")
+    run.add_argument("--method", choices=list(METHODS), default="cam",
+                     help="map method: " + "; ".join(f"{k}: {m.summary}" for k, m in METHODS.items()))
+    run.add_argument("--box", action="store_true", help="draw the paper's localization box (b toggles it)")
+    run.add_argument("--box-threshold", type=_fraction, default=0.2,
+                     help="box rule: keep the map above this fraction of its max, take the largest component")
+    run.add_argument("--smooth", type=_smooth_weight, default=0.0, metavar="ALPHA",
+                     help="temporal smoothing: shown = ALPHA * previous + (1 - ALPHA) * new, for the map and the "
+                          "probabilities (0 = off); restarts when the explained class changes")
+    run.add_argument("--hysteresis", type=_positive_int, default=3, metavar="N",
+                     help="the shown top-1 changes only after another class led N frames in a row (1 = off)")
+    run.add_argument("--scale", choices=SCALES, default="frame",
+                     help="map colours: per-frame min-max, or a slowly decaying running max (no 'breathing')")
+    run.add_argument("--colormap", choices=sorted(COLORMAPS), default="jet", help="OpenCV colormap")
     run.add_argument("--alpha", type=_fraction, default=0.5,
-                     help="heatmap weight in the blend: (1-alpha)*frame + alpha*heatmap")
+                     help="heatmap weight in the blend: (1-alpha)*frame + alpha*heatmap (+/- change it live)")
+    run.add_argument("--snapshot-dir", type=Path, default=Path("realtime-cam-snapshots"),
+                     help="where s (snapshot: PNG + map .npy + JSON) and r (recording) write")
 
     bench = sub.add_parser(
         "bench", formatter_class=fmt,
@@ -157,8 +181,9 @@ def _export_missing_default(path: Path) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .model import CamModel
-    from .overlay import OverlayStyle
     from .pipeline import RunOptions, hold_window, run_loop
+    from .temporal import TemporalOptions
+    from .view import ViewState
     from .progress import Progress
     from .sinks import IMAGE_EXTENSIONS, ImageFileSink, VideoFileSink, WindowSink, check_output_path
     from .sinks import VIDEO_CODECS
@@ -189,8 +214,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 sinks.append(outputs.enter_context(VideoFileSink(args.output, source.fps, source.size_wh)))
         window = None if args.no_display else outputs.enter_context(WindowSink(f"realtime-cam: {args.source}"))
         options = RunOptions(
-            class_id=class_id, method=args.method, style=OverlayStyle(alpha=args.alpha),
-            max_frames=args.max_frames, show_fps=window is not None and source.kind != "image",
+            view=ViewState(method=args.method, pinned_class=class_id, topk=args.topk, show_box=args.box,
+                           alpha=args.alpha, paused=window is not None and source.kind == "image"),
+            temporal=TemporalOptions(smooth=args.smooth, hysteresis=args.hysteresis, scale=args.scale),
+            colormap=COLORMAPS[args.colormap], box_threshold=args.box_threshold, max_frames=args.max_frames,
+            show_fps=window is not None and source.kind != "image", snapshot_dir=args.snapshot_dir,
+            record_fps=source.fps or 30.0,
         )
         progress = None if source.live or source.kind == "image" else Progress(source.frame_count, estimate=True)
         result = run_loop(model, source, sinks=sinks, window=window, options=options, progress=progress)
@@ -199,6 +228,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.last is not None:
         log.info("%d frames at %.1f FPS; last: %s %.1f%%", result.frames, result.fps, result.last.label,
                  100 * result.last.probability)
+    if result.flicker is not None:
+        log.info("map flicker (mean |change| of the shown map between frames): %.4f", result.flicker)
+    for path in result.snapshots:
+        log.info("saved %s", path)
     for sink in sinks:
         log.info("wrote %s (%d frames)", sink.path, sink.frames_written)
     return EXIT_OK

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .cams import METHODS, compute_map, normalize_map, softmax
+from .cams import METHODS, compute_map, normalize_map, softmax, top_k_ids
 from .contract import FEATURES, LOGITS, ModelInfo, read_contract
 from .errors import CamError, DeviceError, ModelError
 from .preprocess import Preprocessor, as_bgr
@@ -34,7 +34,8 @@ class Prediction:
         topk: the k most probable classes as (class_id, label, probability), most probable first.
         cam: float32 [h, w] at feature resolution, min-max normalised to [0, 1].
         method: the map method used (a key of ``realtime_cam.cams.METHODS``).
-        probabilities: float32 [K] softmax over all classes.
+        probabilities: float32 [K] softmax over all classes (smoothed over time in a smoothed run).
+        pinned: True when the class was chosen by the user rather than by the ranking.
     """
 
     class_id: int
@@ -44,6 +45,7 @@ class Prediction:
     cam: np.ndarray = field(repr=False)
     method: str = "cam"
     probabilities: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.float32))
+    pinned: bool = False
 
 
 def _session_options() -> ort.SessionOptions:
@@ -199,9 +201,7 @@ class CamModel:
         if method not in METHODS:
             raise CamError(f"unknown map method {method!r}; choose from {', '.join(METHODS)}")
         probabilities = softmax(logits)
-        k = max(1, min(int(topk), probabilities.shape[0]))
-        top = np.argpartition(-probabilities, k - 1)[:k]
-        top = top[np.argsort(-probabilities[top], kind="stable")]
+        top = top_k_ids(probabilities, topk)
         if class_id is None:
             class_id = int(top[0])
         else:

@@ -12,6 +12,11 @@ from .model import Prediction
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
+# Every colormap OpenCV has, by its lower-case name: jet, turbo, inferno, viridis, ...
+COLORMAPS: dict[str, int] = {
+    name[len("COLORMAP_"):].lower(): getattr(cv2, name) for name in dir(cv2) if name.startswith("COLORMAP_")
+}
+
 
 @dataclass(frozen=True)
 class OverlayStyle:
@@ -46,8 +51,12 @@ def text_scale(frame_hw: tuple[int, int]) -> tuple[float, int]:
     return scale, max(1, int(round(scale * 2)))
 
 
-def draw_text_lines(image: np.ndarray, lines: Sequence[str], origin_xy: tuple[int, int] = (0, 0)) -> None:
-    """Draw white lines of text on a dark box at ``origin_xy`` (top-left), in place.
+def draw_text_lines(image: np.ndarray, lines: Sequence[str], origin_xy: tuple[int, int] = (0, 0),
+                    anchor: str = "top") -> None:
+    """Draw white lines of text on a dark box, in place.
+
+    Args:
+        origin_xy: the box's top-left corner (anchor "top") or bottom-left corner (anchor "bottom").
 
     The font shrinks when the longest line would not fit the frame's width.
     """
@@ -64,8 +73,10 @@ def draw_text_lines(image: np.ndarray, lines: Sequence[str], origin_xy: tuple[in
     step = line_h + baseline + pad
     widest = max(cv2.getTextSize(line, FONT, scale, thickness)[0][0] for line in lines)
     x0, y0 = origin_xy
-    x1 = min(w - 1, x0 + widest + 2 * pad)
-    y1 = min(h - 1, y0 + step * len(lines) + pad)
+    if anchor == "bottom":
+        y0 = max(0, y0 - (step * len(lines) + pad))
+    x1 = min(w, x0 + widest + 2 * pad)
+    y1 = min(h, y0 + step * len(lines) + pad)
     # A translucent dark box keeps the text readable over any colour of the heatmap.
     roi = image[y0:y1, x0:x1]
     roi[:] = (roi * 0.35).astype(np.uint8)
@@ -75,8 +86,30 @@ def draw_text_lines(image: np.ndarray, lines: Sequence[str], origin_xy: tuple[in
 
 
 def prediction_lines(prediction: Prediction) -> list[str]:
-    """The label line for the explained class: 'tabby 81.2%'."""
-    return [f"{prediction.label} {prediction.probability * 100:.1f}%"]
+    """The explained class first ('tabby 81.2%'), then the top-k ranking with the explained one marked."""
+    head = f"{prediction.label} {prediction.probability * 100:.1f}%"
+    if prediction.pinned:
+        head += " [pinned]"
+    if prediction.method != "cam":
+        head += f" ({prediction.method})"
+    lines = [head]
+    if len(prediction.topk) > 1:
+        for rank, (class_id, label, prob) in enumerate(prediction.topk, 1):
+            mark = ">" if class_id == prediction.class_id else " "
+            lines.append(f"{mark}{rank}. {label} {prob * 100:.1f}%")
+    return lines
+
+
+def draw_box(image: np.ndarray, box_xyxy: tuple[float, float, float, float], label: str) -> None:
+    """The localization box with its label, in place; a dark outline keeps it visible on any colour."""
+    h, w = image.shape[:2]
+    scale, thickness = text_scale((h, w))
+    x0, y0, x1, y1 = (int(round(v)) for v in box_xyxy)
+    x1, y1 = max(x0, x1 - 1), max(y0, y1 - 1)  # exclusive edges -> last pixel inside
+    cv2.rectangle(image, (x0, y0), (x1, y1), (0, 0, 0), thickness + 2, cv2.LINE_AA)
+    cv2.rectangle(image, (x0, y0), (x1, y1), (255, 255, 255), thickness, cv2.LINE_AA)
+    (_, th), base = cv2.getTextSize(label, FONT, scale, thickness)
+    draw_text_lines(image, [label], (min(max(0, x0), w - 1), min(max(0, y0), h - 1) + th + base), anchor="bottom")
 
 
 def render(
@@ -84,9 +117,18 @@ def render(
     prediction: Prediction,
     style: OverlayStyle = OverlayStyle(),
     extra_lines: Sequence[str] = (),
+    box_xyxy: tuple[float, float, float, float] | None = None,
+    help_lines: Sequence[str] = (),
 ) -> np.ndarray:
-    """The map over the whole frame, JET-coloured and blended, with the label and any extra HUD lines."""
+    """The map over the whole frame, colour-mapped and blended, with the labels, an optional box,
+    HUD lines (bottom-left) and help (top-right)."""
     h, w = frame_bgr.shape[:2]
     out = blend(frame_bgr, colorize(prediction.cam, (w, h), style.colormap), style.alpha)
-    draw_text_lines(out, [*prediction_lines(prediction), *extra_lines])
+    if box_xyxy is not None:
+        draw_box(out, box_xyxy, prediction.label)
+    draw_text_lines(out, prediction_lines(prediction))
+    if extra_lines:
+        draw_text_lines(out, list(extra_lines), (0, h), anchor="bottom")
+    if help_lines:
+        draw_text_lines(out, list(help_lines), (w // 2, 0))
     return out

@@ -6,19 +6,25 @@ import collections
 import queue
 import threading
 import time
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Sequence
 
+import cv2
 import numpy as np
 
+from .cams import METHODS, compute_map, softmax, top_k_ids
+from .localize import cam_box
 from .model import CamModel, Prediction
 from .overlay import OverlayStyle, render
 from .progress import Progress
-from .sinks import KEY_ESC, Sink, WindowSink
+from .sinks import Sink, VideoFileSink, WindowSink
 from .sources import Frame
+from .temporal import TemporalFilter, TemporalOptions, flicker
+from .view import KEY_HELP, QUIT, RECORD, SNAPSHOT, ViewState, handle_key
 
 STAGES = ("wait", "preprocess", "inference", "cam", "overlay", "output")
-QUIT_KEYS = {ord("q"), ord("Q"), KEY_ESC}
 
 
 @dataclass(frozen=True)
@@ -26,20 +32,24 @@ class RunOptions:
     """What the loop explains and how it draws it.
 
     Attributes:
-        class_id: explain this class on every frame instead of each frame's top-1.
-        method: map method (a key of ``realtime_cam.cams.METHODS``).
-        topk: how many classes each prediction ranks.
-        style: overlay drawing style.
+        view: the initial view (method, pinned class, top-k, box, alpha); keys change it live.
+        temporal: smoothing, label hysteresis and colour scaling over frames.
+        colormap: OpenCV colormap for the heatmap.
+        box_threshold: the paper's box rule threshold, as a fraction of the map's maximum.
         max_frames: stop after this many frames (None: until the source ends or the user quits).
-        show_fps: draw the loop's frame rate on the overlay.
+        show_fps: draw the frame rate and the capture-to-display latency on the overlay.
+        snapshot_dir: where ``s`` saves snapshots and ``r`` records.
+        record_fps: frame rate written into recordings started with ``r``.
     """
 
-    class_id: int | None = None
-    method: str = "cam"
-    topk: int = 5
-    style: OverlayStyle = OverlayStyle()
+    view: ViewState = ViewState()
+    temporal: TemporalOptions = TemporalOptions()
+    colormap: int = cv2.COLORMAP_JET
+    box_threshold: float = 0.2
     max_frames: int | None = None
     show_fps: bool = False
+    snapshot_dir: Path = Path("realtime-cam-snapshots")
+    record_fps: float = 30.0
 
 
 class StageTimes:
@@ -71,6 +81,8 @@ class RunResult:
         stage_ms: per-stage median and p95 (see :class:`StageTimes`).
         stopped_by: "end", "quit" (q/Esc), "window-closed" or "max-frames".
         last: the last frame's prediction.
+        flicker: mean absolute frame-to-frame change of the shown [0, 1] map (None under 2 frames).
+        snapshots: files written by ``s`` and ``r``.
     """
 
     frames: int
@@ -78,6 +90,38 @@ class RunResult:
     stage_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     stopped_by: str = "end"
     last: Prediction | None = None
+    flicker: float | None = None
+    snapshots: tuple[Path, ...] = ()
+
+
+def explain_frame(
+    model: CamModel, logits: np.ndarray, features_chw: np.ndarray, view: ViewState, temporal: TemporalFilter
+) -> Prediction:
+    """One frame's prediction as the view asks for it, stabilised over time by ``temporal``."""
+    probs = temporal.probabilities(softmax(logits))
+    leader = temporal.leader(probs)
+    ranking = [int(i) for i in top_k_ids(probs, view.topk)]
+    if ranking[0] != leader:  # hysteresis keeps the shown top-1 until a challenger has led long enough
+        ranking = [leader, *[i for i in ranking if i != leader]][: len(ranking)]
+    pinned = view.pinned_class is not None
+    class_id = view.pinned_class if pinned else ranking[min(view.rank, len(ranking) - 1)]
+    spec = METHODS[view.method]
+    raw = compute_map(view.method, features_chw, model.head_weight, class_id)
+    shown = temporal.map(raw, (class_id if spec.class_specific else None, view.method))
+    return Prediction(
+        class_id=class_id, label=model.labels[class_id], probability=float(probs[class_id]),
+        topk=tuple((i, model.labels[i], float(probs[i])) for i in ranking), cam=shown, method=view.method,
+        probabilities=probs, pinned=pinned,
+    )
+
+
+def draw(frame: Frame, prediction: Prediction, view: ViewState, options: RunOptions, hud: Sequence[str]) -> np.ndarray:
+    """The overlay for one frame: map, labels, the paper's box when asked for, HUD and help."""
+    h, w = frame.image_bgr.shape[:2]
+    box = cam_box(prediction.cam, (w, h), options.box_threshold) if view.show_box else None
+    help_lines = [f"{k}: {v}" for k, v in KEY_HELP.items()] if view.show_help else ()
+    style = OverlayStyle(alpha=view.alpha, colormap=options.colormap)
+    return render(frame.image_bgr, prediction, style, hud, box_xyxy=box, help_lines=help_lines)
 
 
 class _RenderWorker:
@@ -87,9 +131,9 @@ class _RenderWorker:
     raised again in the loop's thread at the next frame or at :meth:`finish`.
     """
 
-    def __init__(self, sinks: Sequence[Sink], style: OverlayStyle, times: StageTimes, queue_size: int = 4) -> None:
+    def __init__(self, sinks: Sequence[Sink], options: RunOptions, times: StageTimes, queue_size: int = 4) -> None:
         self._sinks = sinks
-        self._style = style
+        self._options = options
         self._times = times
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
@@ -104,9 +148,9 @@ class _RenderWorker:
             if self._error is not None:
                 continue  # drain, so that a producer blocked on put() is released
             try:
-                frame, prediction, hud = item
+                frame, prediction, view, hud = item
                 t0 = time.perf_counter()
-                overlay = render(frame.image_bgr, prediction, self._style, hud)
+                overlay = draw(frame, prediction, view, self._options, hud)
                 t1 = time.perf_counter()
                 for sink in self._sinks:
                     sink.write(overlay)
@@ -120,15 +164,56 @@ class _RenderWorker:
         if self._error is not None:
             raise self._error
 
-    def submit(self, frame: Frame, prediction: Prediction, hud: list[str]) -> None:
+    def submit(self, frame: Frame, prediction: Prediction, view: ViewState, hud: list[str]) -> None:
         self.check()
-        self._queue.put((frame, prediction, hud))
+        self._queue.put((frame, prediction, view, hud))
 
     def finish(self) -> None:
         """Wait for every submitted frame to be drawn and written; raise the worker's error, if any."""
         self._queue.put(None)
         self._thread.join()
         self.check()
+
+
+class _Recorder:
+    """What ``s`` and ``r`` write: snapshots and recordings in the snapshot folder."""
+
+    def __init__(self, folder: Path, fps: float) -> None:
+        self.folder = folder
+        self.fps = fps
+        self.written: list[Path] = []
+        self.video: VideoFileSink | None = None
+
+    def _stem(self, kind: str, index: int) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self.folder / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{index:06d}"
+
+    def snapshot(self, overlay: np.ndarray, frame: Frame, prediction: Prediction, box) -> Path:
+        stem = self._stem("snapshot", frame.index)
+        cv2.imwrite(str(stem.with_suffix(".png")), overlay)
+        np.save(stem.with_suffix(".npy"), prediction.cam)
+        meta = {"frame": frame.index, "class_id": prediction.class_id, "label": prediction.label,
+                "probability": prediction.probability, "pinned": prediction.pinned, "method": prediction.method,
+                "topk": [{"class_id": c, "label": l, "probability": p} for c, l, p in prediction.topk],
+                "box_xyxy": list(box) if box is not None else None}
+        stem.with_suffix(".json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        self.written += [stem.with_suffix(e) for e in (".png", ".npy", ".json")]
+        return stem.with_suffix(".png")
+
+    def toggle(self, frame: Frame) -> VideoFileSink | None:
+        if self.video is not None:
+            self.stop()
+            return None
+        h, w = frame.image_bgr.shape[:2]
+        path = self._stem("recording", frame.index).with_suffix(".mp4")
+        self.video = VideoFileSink(path, self.fps, (w, h))
+        self.written.append(path)
+        return self.video
+
+    def stop(self) -> None:
+        if self.video is not None:
+            video, self.video = self.video, None
+            video.close()
 
 
 def run_loop(
@@ -142,17 +227,21 @@ def run_loop(
     """Explain every frame the iterable yields and send the overlays to the sinks and the window.
 
     Inference runs back to back in this thread. With a window, overlays are drawn and shown here too
-    (window calls must stay on the main thread); headless, a render thread draws and writes them, so
-    that drawing and encoding overlap inference.
+    (window calls must stay on the main thread) and keys change the view (see ``view.KEY_HELP``);
+    headless, a render thread draws and writes them, so that drawing and encoding overlap inference.
     """
     times = StageTimes()
-    worker = _RenderWorker(sinks, options.style, times) if window is None else None
-    outputs = [*sinks, *([window] if window is not None else [])]
+    temporal = TemporalFilter(options.temporal)
+    view = options.view
+    worker = _RenderWorker(sinks, options, times) if window is None else None
+    recorder = _Recorder(options.snapshot_dir, options.record_fps)
     first_at = last_at = 0.0
     done = 0
-    fps_shown = 0.0
+    fps_shown = latency_ms = 0.0
     stopped_by = "end"
     prediction: Prediction | None = None
+    previous_map: np.ndarray | None = None
+    flicker_sum, flicker_n = 0.0, 0
     t_prev = time.perf_counter()
     try:
         for frame in frames:
@@ -161,22 +250,25 @@ def run_loop(
             t1 = time.perf_counter()
             logits, features = model.forward(batch)
             t2 = time.perf_counter()
-            prediction = model.explain(
-                logits[0], features[0], class_id=options.class_id, method=options.method, topk=options.topk
-            )
+            prediction = explain_frame(model, logits[0], features[0], view, temporal)
+            change = flicker(previous_map, prediction.cam)
+            if change is not None:
+                flicker_sum, flicker_n = flicker_sum + change, flicker_n + 1
+            previous_map = prediction.cam
             t3 = time.perf_counter()
-            hud = [f"{fps_shown:.1f} FPS"] if options.show_fps and done > 1 else []
+            hud = [f"{fps_shown:.1f} FPS  latency {latency_ms:.0f} ms"] if options.show_fps and done > 1 else []
             if worker is not None:
-                worker.submit(frame, prediction, hud)
+                worker.submit(frame, prediction, view, hud)
                 t5 = time.perf_counter()
             else:
-                overlay = render(frame.image_bgr, prediction, options.style, hud)
+                overlay = draw(frame, prediction, view, options, hud)
                 t4 = time.perf_counter()
-                for out in outputs:
+                for out in (*sinks, *([recorder.video] if recorder.video else []), window):
                     out.write(overlay)
                 t5 = time.perf_counter()
                 times.add("overlay", t4 - t3)
                 times.add("output", t5 - t4)
+                latency_ms = (t5 - frame.captured_at) * 1000.0 if frame.captured_at else 0.0
             times.add("wait", t0 - t_prev)
             times.add("preprocess", t1 - t0)
             times.add("inference", t2 - t1)
@@ -194,11 +286,31 @@ def run_loop(
             if progress is not None:
                 progress.update(done, (done - 1) / (last_at - first_at) if done > 1 else 0.0)
             if window is not None:
-                if window.last_key in QUIT_KEYS:
-                    stopped_by = "quit"
-                    break
-                if window.closed:
-                    stopped_by = "window-closed"
+                key = window.last_key
+                while True:  # keys; while paused, keep serving them (and redraw what they change)
+                    new_view, action = handle_key(view, key, prediction.class_id)
+                    if action == QUIT:
+                        stopped_by = "quit"
+                        break
+                    if action == SNAPSHOT:
+                        recorder.snapshot(overlay, frame, prediction, cam_box(
+                            prediction.cam, frame.image_bgr.shape[1::-1], options.box_threshold)
+                            if view.show_box else None)
+                    elif action == RECORD:
+                        recorder.toggle(frame)
+                    if new_view != view:
+                        view = new_view
+                        if view.paused:  # show the change on the held frame
+                            prediction = explain_frame(model, logits[0], features[0], view, temporal)
+                            overlay = draw(frame, prediction, view, options, hud + ["paused"])
+                            window.write(overlay)
+                    if window.closed:
+                        stopped_by = "window-closed"
+                        break
+                    if not view.paused:
+                        break
+                    key = window.wait_key(30)
+                if stopped_by != "end":
                     break
             if options.max_frames is not None and done >= options.max_frames:
                 stopped_by = "max-frames"
@@ -207,17 +319,21 @@ def run_loop(
         if worker is not None:
             worker.finish()  # on Ctrl-C too: every frame handed over is written before the sinks close
             last_at = time.perf_counter() if done > 1 else last_at
+        recorder.stop()
     fps = (done - 1) / (last_at - first_at) if done > 1 and last_at > first_at else 0.0
     if progress is not None:
         progress.close(done, fps)
-    return RunResult(frames=done, fps=fps, stage_ms=times.summary(), stopped_by=stopped_by, last=prediction)
+    return RunResult(
+        frames=done, fps=fps, stage_ms=times.summary(), stopped_by=stopped_by, last=prediction,
+        flicker=flicker_sum / flicker_n if flicker_n else None, snapshots=tuple(recorder.written),
+    )
 
 
 def hold_window(window: WindowSink) -> str:
     """Keep a still image on screen until q/Esc or the window is closed."""
     while True:
         key = window.wait_key(50)
-        if key in QUIT_KEYS:
+        if key in (ord("q"), ord("Q"), 27):
             return "quit"
         if window.closed:
             return "window-closed"

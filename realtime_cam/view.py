@@ -1,0 +1,94 @@
+"""What the live view shows, and how keys change it: a frozen state and pure transitions.
+
+The loop owns one :class:`ViewState`; a key press gives a new state (``dataclasses.replace``) and maybe an
+action for the loop to carry out (quit, snapshot, record). Headless runs start from the same state built
+from the command line, so every live option also works on video files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .cams import METHODS
+
+KEY_ESC = 27
+KEY_SPACE = 32
+
+# key -> (what it does, for the on-screen help). The loop's handling is in handle_key below.
+KEY_HELP: dict[str, str] = {
+    "q / Esc": "quit",
+    "space": "pause / resume",
+    "n / p": "explain the next / previous of the top-k",
+    "c": "pin / unpin the explained class",
+    "m": "next map method",
+    "b": "boxes on / off",
+    "+ / -": "more / less heatmap",
+    "s": "snapshot (PNG + map .npy + JSON)",
+    "r": "start / stop recording",
+    "h": "this help",
+}
+
+QUIT, SNAPSHOT, RECORD = "quit", "snapshot", "record"
+
+
+@dataclass(frozen=True)
+class ViewState:
+    """The live view's settings.
+
+    Attributes:
+        method: map method (a key of METHODS).
+        pinned_class: the class explained on every frame, or None to follow the ranking.
+        rank: which of the top-k is explained when no class is pinned (0: the top-1).
+        topk: how many classes are listed (and n/p step through).
+        show_box: draw the paper's localization box.
+        alpha: heatmap weight in the blend.
+        paused: hold the current frame.
+        show_help: list the keys on screen.
+    """
+
+    method: str = "cam"
+    pinned_class: int | None = None
+    rank: int = 0
+    topk: int = 3
+    show_box: bool = False
+    alpha: float = 0.5
+    paused: bool = False
+    show_help: bool = False
+
+
+def handle_key(state: ViewState, key: int, current_class: int | None) -> tuple[ViewState, str | None]:
+    """The state after ``key`` and the action the loop must carry out (or None).
+
+    Args:
+        current_class: the class explained on the frame on screen (what ``c`` pins).
+    """
+    if key < 0:
+        return state, None
+    ch = chr(key).lower() if key < 256 else ""
+    if key == KEY_ESC or ch == "q":
+        return state, QUIT
+    if key == KEY_SPACE:
+        return replace(state, paused=not state.paused), None
+    if ch in ("n", "p"):
+        step = 1 if ch == "n" else -1
+        return replace(state, rank=(state.rank + step) % max(1, state.topk), pinned_class=None), None
+    if ch == "c":
+        if state.pinned_class is not None:
+            return replace(state, pinned_class=None), None
+        return replace(state, pinned_class=current_class), None
+    if ch == "m":
+        names = list(METHODS)
+        return replace(state, method=names[(names.index(state.method) + 1) % len(names)]), None
+    if ch == "b":
+        return replace(state, show_box=not state.show_box), None
+    if ch in ("+", "="):
+        return replace(state, alpha=min(1.0, round(state.alpha + 0.1, 2))), None
+    if ch in ("-", "_"):
+        return replace(state, alpha=max(0.0, round(state.alpha - 0.1, 2))), None
+    if ch == "h":
+        return replace(state, show_help=not state.show_help), None
+    if ch == "s":
+        return state, SNAPSHOT
+    if ch == "r":
+        return state, RECORD
+    return state, None
