@@ -219,7 +219,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             temporal=TemporalOptions(smooth=args.smooth, hysteresis=args.hysteresis, scale=args.scale),
             colormap=COLORMAPS[args.colormap], box_threshold=args.box_threshold, max_frames=args.max_frames,
             show_fps=window is not None and source.kind != "image", snapshot_dir=args.snapshot_dir,
-            record_fps=source.fps or 30.0,
+            record_fps=source.fps or 30.0, pace_fps=source.fps if source.kind == "video" else 0.0,
+            show_latency=source.live,
         )
         progress = None if source.live or source.kind == "image" else Progress(source.frame_count, estimate=True)
         result = run_loop(model, source, sinks=sinks, window=window, options=options, progress=progress)

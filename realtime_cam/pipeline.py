@@ -40,6 +40,9 @@ class RunOptions:
         show_fps: draw the frame rate and the capture-to-display latency on the overlay.
         snapshot_dir: where ``s`` saves snapshots and ``r`` records.
         record_fps: frame rate written into recordings started with ``r``.
+        show_latency: also draw capture-to-display latency (live sources; a file's read-ahead makes it moot).
+        pace_fps: with a window, show frames no faster than this (a video file plays at its own speed);
+            0 shows them as fast as they are explained. Headless runs never wait.
     """
 
     view: ViewState = ViewState()
@@ -50,6 +53,8 @@ class RunOptions:
     show_fps: bool = False
     snapshot_dir: Path = Path("realtime-cam-snapshots")
     record_fps: float = 30.0
+    pace_fps: float = 0.0
+    show_latency: bool = False
 
 
 class StageTimes:
@@ -256,7 +261,9 @@ def run_loop(
                 flicker_sum, flicker_n = flicker_sum + change, flicker_n + 1
             previous_map = prediction.cam
             t3 = time.perf_counter()
-            hud = [f"{fps_shown:.1f} FPS  latency {latency_ms:.0f} ms"] if options.show_fps and done > 1 else []
+            hud = []
+            if options.show_fps and done > 1:
+                hud = [f"{fps_shown:.1f} FPS" + (f"  latency {latency_ms:.0f} ms" if options.show_latency else "")]
             if worker is not None:
                 worker.submit(frame, prediction, view, hud)
                 t5 = time.perf_counter()
@@ -287,6 +294,11 @@ def run_loop(
                 progress.update(done, (done - 1) / (last_at - first_at) if done > 1 else 0.0)
             if window is not None:
                 key = window.last_key
+                if options.pace_fps > 0:  # wait out the frame's slot, serving keys meanwhile
+                    remaining_ms = int((first_at + (done - 1) / options.pace_fps - time.perf_counter()) * 1000)
+                    if remaining_ms > 1:
+                        waited = window.wait_key(remaining_ms)
+                        key = key if waited < 0 else waited
                 while True:  # keys; while paused, keep serving them (and redraw what they change)
                     new_view, action = handle_key(view, key, prediction.class_id)
                     if action == QUIT:
