@@ -14,6 +14,7 @@ from . import __version__
 from .cams import METHODS
 from .overlay import COLORMAPS
 from .temporal import SCALES
+from .view import KEY_HELP
 from .errors import CamError
 from .model import DEVICES
 from .paths import default_model_path
@@ -70,8 +71,17 @@ def _device_list(text: str) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------- parser
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults, except empty ones (None, False), and keeps descriptions' line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     parser = argparse.ArgumentParser(
         prog="realtime-cam",
         description="Live Class Activation Maps: where a CNN looks when it classifies what a camera sees.",
@@ -84,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", formatter_class=fmt,
         help="show the CAM live (webcam, stream, video or image), or write it to a file",
-        description="Classify each frame and draw the class activation map over it. Window keys: q/Esc quit.",
+        description="Classify each frame and draw the class activation map over it.\n\nWindow keys:\n"
+                    + "\n".join(f"  {k:8} {v}" for k, v in KEY_HELP.items()),
     )
     run.add_argument("--model", type=Path, default=None,
                      help=f"realtime-cam model file (default: {default_model_path()}, exported on first use "
@@ -149,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "a state-dict file (loaded with weights_only=True), or 'none' (random: tests only)")
     export.add_argument("--output", type=Path, default=None,
                         help="where to write (default: the cache file `run` looks for, "
-                             f"{default_model_path()})")
+                             f"{default_model_path()}; for --from-onnx, the classifier's name there)")
     export.add_argument("--opset", type=int, default=18, help="ONNX opset for the torchvision export")
     export.add_argument("--labels", default=None, help="class names, one per line (default: ImageNet-1k "
                                                        "for 1000 classes, else numbered)")
