@@ -131,5 +131,5 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def top_k_ids(probabilities: np.ndarray, k: int) -> np.ndarray:
     """The ids of the k largest values, largest first (ties: lower id first)."""
     k = max(1, min(int(k), probabilities.shape[0]))
-    top = np.argpartition(-probabilities, k - 1)[:k]
-    return top[np.lexsort((top, -probabilities[top]))]
+    # A full stable sort (microseconds for 1000 classes) keeps ties in id order whatever k is.
+    return np.argsort(-probabilities, kind="stable")[:k]

@@ -14,6 +14,8 @@ from . import __version__
 from .cams import METHODS
 from .overlay import COLORMAPS
 from .temporal import SCALES
+from .evaluate import add_parser as add_evaluate_parser
+from .evaluate import cmd_evaluate
 from .view import KEY_HELP
 from .errors import CamError
 from .model import DEVICES
@@ -147,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, default=None, help="write the full report as JSON")
     bench.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG)")
     bench.add_argument("--no-seed", action="store_true", help="skip the PyTorch seed-approach baseline")
+
+    add_evaluate_parser(sub)
 
     export = sub.add_parser(
         "export", formatter_class=fmt,
@@ -299,7 +303,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export, "bench": cmd_bench}
+COMMANDS = {"run": cmd_run, "export": cmd_export, "bench": cmd_bench, "evaluate": cmd_evaluate}
 
 
 class _StderrHandler(logging.StreamHandler):

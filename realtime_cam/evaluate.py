@@ -469,13 +469,15 @@ def max_box_acc(best_ious: np.ndarray, thresholds: Sequence[float] = CAM_THRESHO
     ious = np.asarray(best_ious, dtype=np.float64).reshape(-1, len(thresholds))
     if ious.shape[0] == 0:
         return 0.0, float(thresholds[0])
-    accuracies = (ious >= iou_threshold).mean(axis=0) * 100.0
+    accuracies = (ious >= iou_threshold).sum(axis=0) * 100.0 / ious.shape[0]
     i = int(np.argmax(accuracies))
     return float(accuracies[i]), round(float(thresholds[i]), 6)
 
 
-def max_box_acc_v2(best_ious_all: np.ndarray, thresholds: Sequence[float] = CAM_THRESHOLDS,
-                   iou_thresholds: Sequence[float] = V2_IOU_THRESHOLDS) -> tuple[float, dict[float, tuple[float, float]]]:
+def max_box_acc_v2(
+    best_ious_all: np.ndarray, thresholds: Sequence[float] = CAM_THRESHOLDS,
+    iou_thresholds: Sequence[float] = V2_IOU_THRESHOLDS,
+) -> tuple[float, dict[float, tuple[float, float]]]:
     """MaxBoxAccV2: the mean over IoU thresholds of MaxBoxAcc (each with its own best threshold).
 
     Returns (mean in percent, {iou_threshold: (MaxBoxAcc, best cam threshold)}).
@@ -909,7 +911,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="classification and localization accuracy of the maps on images with ground-truth boxes",
         description=(
             "Score the maps against ground-truth boxes: top-1/top-k accuracy, GT-known, top-1 and top-k "
-            "localization (the paper's box rule), MaxBoxAcc and MaxBoxAccV2 (wsolevaluation), the pointing game, "
+            "localization (the paper's box rule), MaxBoxAcc and MaxBoxAccV2 (wsolevaluation's), the pointing game, "
             "and a centre-box baseline. Each image is resized to the model's input size directly (no crop), so "
             "the boxes map linearly and the maps are scored on the original image; --crop center instead "
             "resizes so the input is 224/256 of the shorter side and centre-crops (ImageNet evaluation), and "
@@ -929,7 +931,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--box-threshold", type=_fraction, default=0.2, metavar="T",
                         help="the paper's box rule: keep pixels >= T times the maximum of the min-max normalised "
                              "map (i.e. T of the way from its minimum to its maximum), box of the largest "
-                             "connected component; 0.2 is the paper's 20%%")
+                             "connected component; 0.2 is the paper's 20%%. MaxBoxAcc ignores it: it sweeps "
+                             "0.00..0.99")
     parser.add_argument("--topk", type=_positive_int, default=5, metavar="K",
                         help="k of the top-k accuracy and localization (JSON keys top{K}, top{K}_loc)")
     parser.add_argument("--crop", choices=CROPS, default="none",

@@ -106,3 +106,12 @@ def test_eigencam_is_the_first_principal_component_with_a_stable_sign():
     v1 = np.linalg.svd(x, full_matrices=False)[2][0]
     assert abs(np.corrcoef(out.ravel(), x @ v1)[0, 1]) > 0.9999
     assert (eigencam(np.ones((4, 3, 3), np.float32), None, 0) == 0).all()  # no variance: a zero map
+
+
+def test_top_k_ties_are_ordered_by_id_whatever_k():
+    from realtime_cam.cams import top_k_ids
+
+    p = np.array([0.1, 0.3, 0.3, 0.2, 0.3], np.float32)
+    assert top_k_ids(p, 1).tolist() == [1]
+    assert top_k_ids(p, 3).tolist() == [1, 2, 4]
+    assert top_k_ids(p, 9).tolist() == [1, 2, 4, 3, 0]
