@@ -57,6 +57,16 @@ def _smooth_weight(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -104,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "when the export extra is installed)")
     run.add_argument("--source", default="0",
                      help="webcam index, video file, image file, or a URL OpenCV opens (rtsp://, http://)")
+    run.add_argument("--reconnect", type=_non_negative_int, default=3, metavar="N",
+                     help="live sources: reopen a camera or stream that stops, up to N times with backoff")
     run.add_argument("--device", choices=DEVICES, default="auto",
                      help="where the model runs; auto uses CUDA when its provider really starts")
     run.add_argument("--output", type=Path, default=None,
@@ -217,7 +229,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     class_id = model.class_id_for(args.class_name) if args.class_name is not None else None
     log.info("model %s (%d classes) on %s", model_path, model.num_classes, model.provider)
 
-    with open_source(args.source) as source, contextlib.ExitStack() as outputs:
+    with open_source(args.source, reconnect=args.reconnect) as source, contextlib.ExitStack() as outputs:
         # Every output is a context manager: on Ctrl-C or an error each video is finalised and renamed.
         sinks = []
         if args.output is not None:

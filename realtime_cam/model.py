@@ -134,15 +134,21 @@ class CamModel:
         )
 
     def _check_shapes(self) -> None:
-        outputs = {o.name: o.shape for o in self._session.get_outputs()}
-        feat = outputs[FEATURES]
-        if len(feat) != 4:
-            raise ModelError(f"'features' must be [N, C, h, w]; the model declares {feat}")
-        channels = feat[1]
-        if isinstance(channels, int) and channels != self.head_weight.shape[1]:
-            raise ModelError(
-                f"'features' has {channels} channels but the head expects {self.head_weight.shape[1]}"
-            )
+        """Run once on a blank input and check what comes out (declared shapes can be missing or wrong)."""
+        h, w = self.info.input_size_hw
+        blank = np.zeros((1, 3, h, w), np.float32)
+        try:
+            logits, features = self._session.run([LOGITS, FEATURES], {self._input_name: blank})
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelError(f"{self.path} does not run on a {h}x{w} input ({reason[:200]})") from None
+        k, c = self.head_weight.shape
+        if features.ndim != 4:
+            raise ModelError(f"'features' must be [N, C, h, w]; the model gives {list(features.shape)}")
+        if features.shape[1] != c:
+            raise ModelError(f"'features' has {features.shape[1]} channels but the head expects {c}")
+        if logits.shape != (1, k):
+            raise ModelError(f"'logits' must be [N, {k}] for this head; the model gives {list(logits.shape)}")
 
     @property
     def labels(self) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ Capture runs in a daemon thread per source with an explicit policy:
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import re
 import threading
@@ -21,6 +22,8 @@ import numpy as np
 
 from .errors import SourceError
 from .preprocess import as_bgr
+
+log = logging.getLogger("realtime_cam")
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jp2"}
 URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -158,10 +161,16 @@ class ImageSource(FrameSource):
 class CaptureSource(FrameSource):
     """Anything ``cv2.VideoCapture`` opens, read by a daemon thread into a :class:`FrameBuffer`."""
 
-    def __init__(self, spec: str, target: int | str, kind: str, live: bool, describe: str) -> None:
+    def __init__(self, spec: str, target: int | str, kind: str, live: bool, describe: str,
+                 reconnect: int = 0, backoff_s: float = 0.5) -> None:
         super().__init__(spec)
         self.kind = kind
         self.live = live
+        self.reconnects = 0
+        self._target = target
+        self._describe = describe
+        self._reconnect = reconnect
+        self._backoff_s = backoff_s
         self._cap = cv2.VideoCapture(target)
         if not self._cap.isOpened():
             self._cap.release()
@@ -189,7 +198,16 @@ class CaptureSource(FrameSource):
                 t0 = time.perf_counter()
                 ok, image = self._cap.read()
                 if not ok or image is None:
-                    break
+                    if not self.live:
+                        break  # end of file
+                    image = None if self._stop.is_set() else self._reopen()
+                    if image is None:
+                        if not self._stop.is_set():
+                            error = SourceError(
+                                f"{self._describe} stopped delivering frames"
+                                + (f"; gave up after {self._reconnect} reconnect tries" if self._reconnect else
+                                   " (use --reconnect N to retry)"))
+                        break
                 image = as_bgr(image)
                 t1 = time.perf_counter()
                 self.decode_ms.append((t1 - t0) * 1000.0)
@@ -200,6 +218,26 @@ class CaptureSource(FrameSource):
             error = exc
         finally:
             self._buffer.finish(error)
+
+    def _reopen(self) -> np.ndarray | None:
+        """A live source dropped out: reopen it, waiting 1x, 2x, 4x, ... the backoff between tries.
+
+        Returns the first frame after reconnecting, or None when every try failed (or the source closed).
+        """
+        delay = self._backoff_s
+        for attempt in range(1, self._reconnect + 1):
+            if self._stop.wait(delay):  # an Event wait: close() interrupts it at once
+                return None
+            delay *= 2
+            self._cap.release()
+            self._cap = cv2.VideoCapture(self._target)
+            if self._cap.isOpened():
+                ok, image = self._cap.read()
+                if ok and image is not None:
+                    self.reconnects += 1
+                    log.warning("%s: reconnected (try %d of %d)", self._describe, attempt, self._reconnect)
+                    return image
+        return None
 
     def __iter__(self) -> Iterator[Frame]:
         if self._thread is not None:
@@ -238,13 +276,14 @@ def _is_image(spec: str) -> bool:
     return Path(spec).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _open_webcam(spec: str) -> FrameSource:
+def _open_webcam(spec: str, reconnect: int = 0) -> FrameSource:
     index = int(spec)
-    return CaptureSource(spec, index, "webcam", True, f"webcam {index} (no such camera, or it is busy)")
+    return CaptureSource(spec, index, "webcam", True, f"webcam {index} (no such camera, or it is busy)",
+                         reconnect=reconnect)
 
 
-def _open_stream(spec: str) -> FrameSource:
-    return CaptureSource(spec, spec, "stream", True, f"stream {spec}")
+def _open_stream(spec: str, reconnect: int = 0) -> FrameSource:
+    return CaptureSource(spec, spec, "stream", True, f"stream {spec}", reconnect=reconnect)
 
 
 def _check_file(spec: str) -> None:
@@ -259,18 +298,18 @@ def _check_file(spec: str) -> None:
         raise SourceError(f"source is an empty file: {spec}")
 
 
-def _open_image(spec: str) -> FrameSource:
+def _open_image(spec: str, reconnect: int = 0) -> FrameSource:
     _check_file(spec)
     return ImageSource(spec)
 
 
-def _open_video(spec: str) -> FrameSource:
+def _open_video(spec: str, reconnect: int = 0) -> FrameSource:
     _check_file(spec)
     return CaptureSource(spec, spec, "video", False, f"{spec} as a video")
 
 
 # Tried in order; the first whose test accepts the spec opens it. A new kind is one line here.
-SOURCE_KINDS: dict[str, tuple[Callable[[str], bool], Callable[[str], FrameSource]]] = {
+SOURCE_KINDS: dict[str, tuple[Callable[[str], bool], Callable[..., FrameSource]]] = {
     "webcam": (_is_webcam, _open_webcam),
     "stream": (_is_url, _open_stream),
     "image": (_is_image, _open_image),
@@ -278,8 +317,12 @@ SOURCE_KINDS: dict[str, tuple[Callable[[str], bool], Callable[[str], FrameSource
 }
 
 
-def open_source(spec: str | int) -> FrameSource:
+def open_source(spec: str | int, reconnect: int = 0) -> FrameSource:
     """Open a webcam index, a URL OpenCV can read, an image file or a video file.
+
+    Args:
+        reconnect: for live sources, how many times to reopen a source that stops delivering frames
+            (waiting 0.5 s, 1 s, 2 s, ... between tries) before giving up with an error.
 
     Raises:
         SourceError: with a one-line message, when it cannot be opened or yields no first frame.
@@ -287,5 +330,5 @@ def open_source(spec: str | int) -> FrameSource:
     spec = str(spec)
     for accepts, opener in SOURCE_KINDS.values():
         if accepts(spec):
-            return opener(spec)
+            return opener(spec, reconnect=reconnect)
     raise SourceError(f"cannot open source {spec!r}")  # pragma: no cover - "video" accepts everything

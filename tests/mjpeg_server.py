@@ -17,9 +17,11 @@ class MjpegServer:
 
     Args:
         stop_after: close each connection after this many frames (a camera that drops out).
+        max_connections: answer later connections with 503 (a camera that is gone for good).
     """
 
-    def __init__(self, video: Path, fps: float = 25.0, stop_after: int | None = None, max_frames: int = 200):
+    def __init__(self, video: Path, fps: float = 25.0, stop_after: int | None = None, max_frames: int = 200,
+                 max_connections: int | None = None):
         cap = cv2.VideoCapture(str(video))
         self.jpegs = []
         while len(self.jpegs) < max_frames:
@@ -31,6 +33,7 @@ class MjpegServer:
         cap.release()
         self.fps = fps
         self.stop_after = stop_after
+        self.max_connections = max_connections
         self.connections = 0
         self._stop = threading.Event()
         server = self
@@ -41,6 +44,9 @@ class MjpegServer:
 
             def do_GET(self):
                 server.connections += 1
+                if server.max_connections is not None and server.connections > server.max_connections:
+                    self.send_error(503, "camera gone")
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=" + BOUNDARY.decode())
                 self.end_headers()

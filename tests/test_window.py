@@ -74,3 +74,51 @@ def test_window_shows_the_heatmap_and_q_quits(display, resnet18_onnx, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
+
+
+def close_like_the_x_button(env, name):
+    """Send WM_DELETE_WINDOW, what a window manager sends when the user clicks the window's X button."""
+    code = f"""
+from Xlib import X, display, protocol
+d = display.Display()
+protocols, delete = d.intern_atom("WM_PROTOCOLS"), d.intern_atom("WM_DELETE_WINDOW")
+def walk(w):
+    yield w
+    for c in w.query_tree().children:
+        yield from walk(c)
+sent = 0
+for w in walk(d.screen().root):
+    try:
+        title = w.get_wm_name()
+    except Exception:
+        continue
+    if title and {name!r} in str(title):
+        w.send_event(protocol.event.ClientMessage(window=w, client_type=protocols,
+                     data=(32, [delete, X.CurrentTime, 0, 0, 0])), event_mask=X.NoEventMask)
+        sent += 1
+d.flush()
+assert sent, "no window to close"
+"""
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=30)
+
+
+@needs_x
+@needs_shared
+def test_closing_the_window_ends_a_video_run_like_q(display, mnv2_int8_onnx, tmp_path):
+    pytest.importorskip("Xlib")
+    out = tmp_path / "o.mp4"
+    proc = subprocess.Popen([sys.executable, "-m", "realtime_cam", "run", "--model", str(mnv2_int8_onnx),
+                             "--source", str(shared("videos", "bottle-detection.mp4")), "--output", str(out)],
+                            env=display, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_window(display, "realtime-cam")
+        time.sleep(2.0)
+        close_like_the_x_button(display, "realtime-cam")
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    cap = cv2.VideoCapture(str(out))
+    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    assert 0 < n < 1189          # stopped early (the video plays at 30 FPS in a window), file finalised

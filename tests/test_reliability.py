@@ -1,0 +1,262 @@
+"""Bad input, faults and interruptions: a one-line error and a non-zero exit, or graceful recovery.
+
+docs/reliability.md lists what was tried and what happens; each row points at a test here or in
+test_sources.py / test_cli.py / test_model.py / test_export_torchvision.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+
+from conftest import needs_shared, shared
+from mjpeg_server import MjpegServer
+from realtime_cam import CamModel
+from realtime_cam.cli import main
+from realtime_cam.errors import ModelError, SinkError, SourceError
+from realtime_cam.pipeline import run_loop
+from realtime_cam.sinks import Sink, VideoFileSink
+from realtime_cam.sources import open_source
+
+
+def one_line_error(capsys, code, argv):
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("realtime-cam: error: ")
+    return last
+
+
+def frame_count(path):
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------- sources
+@needs_shared
+def test_truncated_mp4_ends_cleanly_with_what_could_be_decoded(mnv2_int8_onnx, tmp_path, capsys):
+    data = shared("videos", "car-detection.mp4").read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "o.mp4"
+    code = main(["run", "--model", str(mnv2_int8_onnx), "--source", str(cut), "--output", str(out), "--no-display"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if code == 0:   # the index is at the front: the first half decodes, then the file ends
+        assert 0 < frame_count(out) < 377
+    else:           # the index was in the cut-off half: nothing can be decoded
+        assert code == 2 and "as a video" in err
+
+
+def test_zero_frame_video_is_an_error(tmp_path):
+    path = tmp_path / "empty.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
+    writer.release()
+    with pytest.raises(SourceError):
+        open_source(str(path))
+
+
+def test_url_that_refuses_is_an_error_quickly():
+    t0 = time.monotonic()
+    with pytest.raises(SourceError, match="stream http://127.0.0.1:9/"):
+        open_source("http://127.0.0.1:9/cam.mjpg")
+    assert time.monotonic() - t0 < 30
+
+
+@needs_shared
+def test_stream_that_drops_out_is_reconnected(mnv2_int8_onnx, tmp_path):
+    out = tmp_path / "live.avi"
+    with MjpegServer(shared("videos", "vtest.avi"), fps=60, stop_after=15) as server:
+        assert main(["run", "--model", str(mnv2_int8_onnx), "--source", server.url, "--output", str(out),
+                     "--no-display", "--max-frames", "40", "--reconnect", "5"]) == 0
+        assert server.connections >= 3          # 15 frames per connection: it came back twice at least
+    assert frame_count(out) == 40
+
+
+@needs_shared
+def test_stream_that_is_gone_gives_up_after_n_tries(mnv2_int8_onnx, tmp_path, capsys):
+    out = tmp_path / "live.avi"
+    with MjpegServer(shared("videos", "vtest.avi"), fps=60, stop_after=10, max_connections=1) as server:
+        line = one_line_error(capsys, 2, ["run", "--model", str(mnv2_int8_onnx), "--source", server.url,
+                                          "--output", str(out), "--no-display", "--reconnect", "2"])
+    assert "stopped delivering frames; gave up after 2 reconnect tries" in line
+    assert 0 < frame_count(out) <= 10           # what came before the drop is kept, playable
+
+
+@needs_shared
+@pytest.mark.parametrize("name,make", [
+    ("gray.png", lambda img: cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)),
+    ("bgra.png", lambda img: cv2.cvtColor(img, cv2.COLOR_BGR2BGRA)),
+    ("deep.png", lambda img: img.astype(np.uint16) * 257),
+    ("tiny.png", lambda img: img[:1, :1]),
+    ("8k.jpg", lambda img: cv2.resize(img, (7680, 4320))),
+])
+def test_unusual_frames_are_explained(mnv2_int8_onnx, tmp_path, name, make):
+    image = make(cv2.imread(str(shared("images", "skimage_chelsea.png"))))
+    src = tmp_path / name
+    assert cv2.imwrite(str(src), image)
+    out = tmp_path / f"out-{name}"
+    assert main(["run", "--model", str(mnv2_int8_onnx), "--source", str(src), "--output", str(out),
+                 "--no-display", "--box"]) == 0
+    result = cv2.imread(str(out))
+    assert result.shape[:2] == image.shape[:2] and result.shape[2] == 3
+
+
+# ----------------------------------------------------------------------------- models
+def _edited_contract(src, tmp_path, edit):
+    model = onnx.load(str(src))
+    edit(model)
+    path = tmp_path / "edited.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@needs_shared
+def test_label_count_that_does_not_match_the_head(mnv2_int8_onnx, tmp_path):
+    def drop_a_label(model):
+        for p in model.metadata_props:
+            if p.key == "realtime_cam.labels":
+                p.value = json.dumps(json.loads(p.value)[:-1])
+
+    with pytest.raises(ModelError, match="999 labels but its head has 1000 classes"):
+        CamModel(_edited_contract(mnv2_int8_onnx, tmp_path, drop_a_label))
+
+
+def test_features_of_the_wrong_rank(tmp_path):
+    # A model whose 'features' are the pooled vector, not the map: its CAM would be meaningless.
+    from onnx import TensorProto, helper, numpy_helper
+
+    from realtime_cam.contract import ModelInfo, write_contract
+
+    weight = np.arange(6, dtype=np.float32).reshape(2, 3)
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["features"]),
+         helper.make_node("Gemm", ["features", "W", "b"], ["logits"], transB=1)],
+        "wrong", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2]),
+         helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 3, 1, 1])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.zeros(2, np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    write_contract(model, ModelInfo(labels=("a", "b"), input_size_hw=(8, 8)), weight, np.zeros(2, np.float32))
+    onnx.save(model, str(tmp_path / "wrong.onnx"))
+    with pytest.raises(ModelError, match=r"'features' must be \[N, C, h, w\]; the model gives \[1, 3\]"):
+        CamModel(tmp_path / "wrong.onnx")
+
+
+@needs_shared
+def test_external_data_outside_the_models_folder_is_refused(mnv2_int8_onnx, tmp_path):
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    model = onnx.load(str(mnv2_int8_onnx))
+    onnx.save(model, str(inner / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="w.bin", size_threshold=1024)
+    model = onnx.load(str(inner / "m.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../w.bin"
+    (inner / "w.bin").rename(tmp_path / "w.bin")
+    onnx.save(model, str(inner / "evil.onnx"))
+    with pytest.raises(ModelError, match="points outside the directory"):
+        CamModel(inner / "evil.onnx")
+
+
+# ----------------------------------------------------------------------------- options
+@pytest.mark.parametrize("argv", [["run", "--topk", "0"], ["run", "--box-threshold", "1.5"],
+                                  ["run", "--smooth", "1"], ["run", "--reconnect", "-1"],
+                                  ["bench", "--frames", "-1"], ["bench", "--device", "tpu"],
+                                  ["evaluate", "--box-threshold", "2"]])
+def test_out_of_range_values_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error:" in err
+
+
+def test_output_folder_that_is_not_writable(tmp_path, monkeypatch, resnet18_onnx, capsys):
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) and mode == os.W_OK
+                        else real_access(p, mode))
+    line = one_line_error(capsys, 2, ["run", "--model", str(resnet18_onnx), "--output", str(tmp_path / "o.mp4"),
+                                      "--no-display"])
+    assert "not writable" in line
+
+
+# ----------------------------------------------------------------------------- faults in threads
+class FailingSink(Sink):
+    def __init__(self, after):
+        self.after, self.n = after, 0
+
+    def write(self, image):
+        self.n += 1
+        if self.n > self.after:
+            raise OSError("disk full")
+
+
+@needs_shared
+def test_a_crash_in_the_render_thread_stops_the_run_with_its_error(mnv2_int8_onnx):
+    model = CamModel(mnv2_int8_onnx, device="cpu")
+    done = []
+
+    def target():
+        with open_source(str(shared("videos", "bottle-detection.mp4"))) as src:
+            try:
+                run_loop(model, src, sinks=[FailingSink(after=5)])
+            except OSError as exc:
+                done.append(exc)
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "the run hung after a worker crashed"
+    assert done and "disk full" in str(done[0])
+
+
+@needs_shared
+def test_a_crash_in_the_capture_thread_surfaces_in_the_loop(mnv2_int8_onnx, monkeypatch):
+    import realtime_cam.sources as sources
+
+    calls = {"n": 0}
+    real = sources.as_bgr
+
+    def flaky(frame):
+        calls["n"] += 1
+        if calls["n"] > 10:
+            raise RuntimeError("decoder exploded")
+        return real(frame)
+
+    monkeypatch.setattr(sources, "as_bgr", flaky)
+    model = CamModel(mnv2_int8_onnx, device="cpu")
+    with open_source(str(shared("videos", "bottle-detection.mp4"))) as src:
+        with pytest.raises(RuntimeError, match="decoder exploded"):
+            run_loop(model, src)
+
+
+def test_a_video_is_written_under_a_temporary_name_until_it_is_complete(tmp_path):
+    out = tmp_path / "o.mp4"
+    sink = VideoFileSink(out, 25, (64, 48))
+    sink.write(np.zeros((48, 64, 3), np.uint8))
+    assert not out.exists() and list(tmp_path.glob(".o.partial.mp4"))
+    sink.close()
+    assert out.exists() and not list(tmp_path.glob(".*partial*")) and frame_count(out) == 1
+
+
+def test_a_crash_leaves_no_file_that_looks_complete(tmp_path):
+    out = tmp_path / "o.mp4"
+    code = ("import os, numpy as np; from realtime_cam.sinks import VideoFileSink; "
+            f"s = VideoFileSink({str(out)!r}, 25, (64, 48)); s.write(np.zeros((48, 64, 3), np.uint8)); os._exit(9)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    assert not out.exists()
