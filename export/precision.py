@@ -14,21 +14,23 @@ onnxruntime and numpy are needed (plus onnxconverter-common for float16); never 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
-import statistics
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import version_converter
+from onnx import TensorProto, helper, version_converter
 from onnxruntime import quantization as ortq
 
-from realtime_cam.cams import cam
 from realtime_cam.contract import (
     FEATURES,
     HEAD_BIAS_COPY,
@@ -40,6 +42,7 @@ from realtime_cam.contract import (
     write_contract,
 )
 from realtime_cam.errors import CamError, ExportError, SourceError
+from realtime_cam.fidelity import fidelity, format_fidelity
 from realtime_cam.model import CamModel
 from realtime_cam.preprocess import Preprocessor, as_bgr
 from realtime_cam.sources import IMAGE_EXTENSIONS, open_source
@@ -53,6 +56,7 @@ __all__ = [
     "QuantReport",
     "convert_fp16",
     "fidelity",
+    "format_fidelity",
     "quantize_int8",
     "sample_frames",
 ]
@@ -81,12 +85,15 @@ CALIBRATIONS: dict[str, Calibration] = {
     # onnxruntime's percentile default makes the range symmetric around 0, which wastes half of a uint8
     # range on post-ReLU tensors; the plain (asymmetric) percentile keeps the zero point where it belongs.
     "percentile": Calibration(
-        "Percentile", (("CalibPercentile", 99.999), ("CalibTensorRangeSymmetric", False)),
-        "clip each range at the 99.999th percentile of the values seen",
+        "Percentile", (("CalibPercentile", 99.99), ("CalibTensorRangeSymmetric", False)),
+        "clip each range at the 99.99th percentile of the values seen",
     ),
     "entropy": Calibration("Entropy", (), "the range that minimises KL divergence of the histogram"),
 }
-DEFAULT_CALIBRATION = "minmax"
+DEFAULT_CALIBRATION = "percentile"
+
+_QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm", "MatMulInteger",
+                  "ConvInteger"}
 
 # Per-channel DequantizeLinear (its ``axis`` attribute) needs ONNX opset 13.
 _PER_CHANNEL_OPSET = 13
@@ -126,10 +133,12 @@ class Fp16Report:
 
     Attributes:
         path: the float16 contract file.
-        checked_inputs: how many inputs the fp16 model was compared with the fp32 one on.
-        top1_agreement_pct: how often their top-1 classes agreed on those inputs.
+        checked_inputs: how many seeded synthetic images the fp16 model was compared with the fp32 one on.
+        top1_agreement_pct: how often their top-1 classes agreed on those (a synthetic image's top classes
+            are often near-ties, so only ``fidelity`` on real frames says much).
         logits_max_abs_diff: the largest |fp16 logit - fp32 logit| on those inputs.
         logits_bound: what that difference was allowed to be.
+        fidelity: :func:`fidelity` against the fp32 file on the check frames, or None when none were given.
     """
 
     path: Path
@@ -137,72 +146,7 @@ class Fp16Report:
     top1_agreement_pct: float
     logits_max_abs_diff: float
     logits_bound: float
-
-
-# ----------------------------------------------------------------------------- fidelity
-def fidelity(reference: CamModel, candidate: CamModel, frames_bgr: Iterable[np.ndarray]) -> dict:
-    """How faithfully ``candidate`` reproduces ``reference``'s predictions and maps, frame by frame.
-
-    For each frame, both models run; the class is the reference's top-1, and both raw CAMs of that class
-    (each model's features with its own head, at feature resolution, before normalisation) are compared
-    with Pearson's r. Two constant maps count as r = 1 when equal, else 0; one constant map as r = 0.
-
-    Args:
-        reference: the model to match (the fp32 file).
-        candidate: the model under test (int8, fp16, ...).
-        frames_bgr: HxWx3 uint8 BGR frames of any size.
-
-    Returns:
-        ``{"frames": N, "top1_agreement_pct": float, "map_r_median": float, "map_r_min": float,
-        "top1_agree": (bool, ...), "map_r": (float, ...)}``, the tuples per frame, in order.
-
-    Raises:
-        CamError: when there is no frame, or the two models' feature maps differ in shape.
-    """
-    agree: list[bool] = []
-    correlations: list[float] = []
-    for frame in frames_bgr:
-        logits_ref, features_ref = reference.infer(frame)
-        logits_cand, features_cand = candidate.infer(frame)
-        if features_ref.shape != features_cand.shape:
-            raise CamError(
-                f"the models' feature maps differ in shape ({list(features_ref.shape)} vs "
-                f"{list(features_cand.shape)}): they are not two versions of one network"
-            )
-        class_id = int(np.argmax(logits_ref))
-        agree.append(int(np.argmax(logits_cand)) == class_id)
-        correlations.append(_pearson(
-            cam(features_ref, reference.head_weight, class_id),
-            cam(features_cand, candidate.head_weight, class_id),
-        ))
-    if not agree:
-        raise CamError("fidelity needs at least one frame")
-    return {
-        "frames": len(agree),
-        "top1_agreement_pct": 100.0 * sum(agree) / len(agree),
-        "map_r_median": float(statistics.median(correlations)),
-        "map_r_min": float(min(correlations)),
-        "top1_agree": tuple(agree),
-        "map_r": tuple(correlations),
-    }
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64).ravel()
-    b = b.astype(np.float64).ravel()
-    a = a - a.mean()
-    b = b - b.mean()
-    norm = float(np.sqrt((a @ a) * (b @ b)))
-    if norm == 0.0:
-        # A constant map carries no "where"; two of them agree only if they are the same constant map.
-        return 1.0 if not a.any() and not b.any() else 0.0
-    return float(a @ b) / norm
-
-
-def format_fidelity(result: dict) -> str:
-    """One line for a :func:`fidelity` result."""
-    return (f"top-1 agreement {result['top1_agreement_pct']:.1f}% on {result['frames']} frames, "
-            f"map Pearson r median {result['map_r_median']:.4f} (min {result['map_r_min']:.4f})")
+    fidelity: dict | None = None
 
 
 # ----------------------------------------------------------------------------- frames
@@ -244,14 +188,15 @@ def sample_frames(sources: Sources, max_frames: int) -> Iterator[np.ndarray]:
     budget, left = max_frames, len(images) + len(videos)
     chosen_images: list[str] = []
     for files in images:
-        picked = _spread(len(files), max(1, budget // left))
+        picked = _spread(len(files), -(-budget // left))  # a fair share, rounded up: never over budget
         chosen_images.extend(files[i] for i in picked)
-        budget, left = max(0, budget - len(picked)), left - 1
+        budget, left = budget - len(picked), left - 1
     chosen_videos: list[tuple[str, list[int]]] = []
     for spec, count in videos:
-        picked = _spread(count, max(1, budget // left))
-        chosen_videos.append((spec, picked))
-        budget, left = max(0, budget - len(picked)), left - 1
+        picked = _spread(count, -(-budget // left))
+        if picked:
+            chosen_videos.append((spec, picked))
+        budget, left = budget - len(picked), left - 1
     # Decode every chosen image now, so that a corrupt file is an error here rather than mid-calibration.
     for file in chosen_images:
         with open_source(file):
@@ -272,6 +217,8 @@ def _spread(count: int, take: int) -> list[int]:
     """``take`` indices in 0..count-1, evenly spread and including both ends (all of them if count <= take)."""
     if count <= take:
         return list(range(count))
+    if take <= 0:
+        return []
     if take == 1:
         return [count // 2]
     return sorted({int(round(v)) for v in np.linspace(0, count - 1, take)})
@@ -310,7 +257,18 @@ def _load_contract(path: str | os.PathLike) -> tuple[onnx.ModelProto, ModelInfo,
         raise ExportError(f"{path.name}: {exc}") from None
     except Exception as exc:  # protobuf DecodeError, OSError, ...: not an ONNX file
         raise ExportError(f"cannot read {path} as an ONNX model ({str(exc).splitlines()[0][:200]})") from None
+    _require_float32(model, path.name)
     return model, info, weight, bias
+
+
+def _require_float32(model: onnx.ModelProto, name: str) -> None:
+    """Refuse a model that is already quantized or float16: this module starts from the fp32 file."""
+    quantized = sorted({n.op_type for n in model.graph.node
+                        if n.op_type in _QUANTIZED_OPS or n.op_type.startswith("QLinear")})
+    if quantized:
+        raise ExportError(f"{name} is already quantized ({', '.join(quantized)}); give the float32 contract file")
+    if any(init.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16) for init in model.graph.initializer):
+        raise ExportError(f"{name} already holds float16 weights; give the float32 contract file")
 
 
 def _head_nodes(graph: onnx.GraphProto) -> list[int]:
@@ -446,6 +404,52 @@ def _pass_size(count: int) -> int:
     return max(d for d in range(1, min(count, _FRAMES_PER_PASS) + 1) if count % d == 0)
 
 
+def _quantize_graph(
+    model: onnx.ModelProto,
+    inputs: list[np.ndarray],
+    calibration: Calibration,
+    activation: ortq.QuantType,
+    log: Callable[[str], None],
+) -> tuple[onnx.ModelProto, list[str]]:
+    """Pre-process, calibrate and quantize (QDQ, per-channel int8 weights) everything but the head.
+
+    Returns:
+        The quantized model and the names of the nodes left in float32.
+    """
+    with tempfile.TemporaryDirectory(prefix="realtime_cam_int8_") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        onnx.save(model, str(prepared))
+        try:
+            # Shape inference lets the quantizer see every tensor's type and shape; its graph optimisation
+            # folds constants (and any BatchNormalization left in the graph) before ranges are measured.
+            ortq.quant_pre_process(str(prepared), str(prepared))
+        except Exception as exc:  # noqa: BLE001 - a model it cannot optimise is still quantizable as is
+            log(f"note: onnxruntime's quantization pre-processing failed ({str(exc).splitlines()[0][:200]}); "
+                "quantizing the model as it is")
+            onnx.save(model, str(prepared))
+        model = onnx.load(str(prepared))
+        excluded = _name_nodes(model.graph, _head_nodes(model.graph))
+        onnx.save(model, str(prepared))
+        quantized = Path(tmp) / "int8.onnx"
+        reader = _Inputs(model.graph.input[0].name, inputs)
+        # onnxruntime's calibrators print their progress on stdout; this module reports through ``log``.
+        with contextlib.redirect_stdout(io.StringIO()):
+            ortq.quantize_static(
+                str(prepared),
+                str(quantized),
+                reader,
+                quant_format=ortq.QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=False,
+                activation_type=activation,
+                weight_type=ortq.QuantType.QInt8,
+                calibrate_method=ortq.CalibrationMethod[calibration.method],
+                nodes_to_exclude=excluded,
+                extra_options={"CalibStridedMinMax": _pass_size(len(inputs)), **dict(calibration.options)},
+            )
+        return onnx.load(str(quantized)), excluded
+
+
 def quantize_int8(
     fp32_path: str | os.PathLike,
     output: str | os.PathLike,
@@ -492,12 +496,19 @@ def quantize_int8(
     try:
         specs = _as_specs(calibrate)
         frames = sample_frames(specs, max_frames)
-        check_iter = sample_frames(check, check_frames) if check is not None else None
-        preprocess = Preprocessor(info.input_size_hw, info.mean, info.std, info.channel_order)
-        inputs = [preprocess(as_bgr(frame)).copy() for frame in frames]
     except SourceError as exc:
         raise ExportError(f"calibration source: {exc}") from None
-    overlap = set(specs) & set(_as_specs(check)) if check is not None else set()
+    try:
+        check_iter = sample_frames(check, check_frames) if check is not None else None
+    except SourceError as exc:
+        raise ExportError(f"check source: {exc}") from None
+    preprocess = Preprocessor(info.input_size_hw, info.mean, info.std, info.channel_order)
+    try:
+        inputs = [preprocess(as_bgr(frame)).copy() for frame in frames]
+    except SourceError as exc:  # a video that stops decoding half-way
+        raise ExportError(f"calibration source: {exc}") from None
+    overlap = {str(Path(s).resolve()) for s in specs} & {str(Path(s).resolve()) for s in _as_specs(check)} \
+        if check is not None else set()
     if overlap:
         log(f"warning: {', '.join(sorted(overlap))} is both calibration and check data; "
             "the fidelity measured on it flatters the int8 model")
@@ -506,37 +517,7 @@ def quantize_int8(
 
     model = _at_least_opset(source_model, _PER_CHANNEL_OPSET, fp32_path.name)
     _drop_unused_head_copies(model)
-    calibration = CALIBRATIONS[method]
-    with tempfile.TemporaryDirectory(prefix="realtime_cam_int8_") as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        onnx.save(model, str(prepared))
-        try:
-            # Shape inference lets the quantizer see every tensor's type and shape; its graph optimisation
-            # folds constants (and any BatchNormalization left in the graph) before ranges are measured.
-            ortq.quant_pre_process(str(prepared), str(prepared))
-        except Exception as exc:  # noqa: BLE001 - a model it cannot optimise is still quantizable as is
-            log(f"note: onnxruntime's quantization pre-processing failed ({str(exc).splitlines()[0][:200]}); "
-                "quantizing the model as it is")
-            onnx.save(model, str(prepared))
-        model = onnx.load(str(prepared))
-        excluded = _name_nodes(model.graph, _head_nodes(model.graph))
-        onnx.save(model, str(prepared))
-        quantized = Path(tmp) / "int8.onnx"
-        reader = _Inputs(model.graph.input[0].name, inputs)
-        ortq.quantize_static(
-            str(prepared),
-            str(quantized),
-            reader,
-            quant_format=ortq.QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=False,
-            activation_type=activation,
-            weight_type=ortq.QuantType.QInt8,
-            calibrate_method=ortq.CalibrationMethod[calibration.method],
-            nodes_to_exclude=excluded,
-            extra_options={"CalibStridedMinMax": _pass_size(len(inputs)), **dict(calibration.options)},
-        )
-        model = onnx.load(str(quantized))
+    model, excluded = _quantize_graph(model, inputs, CALIBRATIONS[method], activation, log)
 
     note = (f"int8 QDQ per-channel ({activation_type} activations, {method} calibration), "
             f"calibrated on {len(inputs)} frames of {described}")
@@ -557,6 +538,12 @@ def quantize_int8(
 
 
 # ----------------------------------------------------------------------------- float16
+# float16's real limits (smallest subnormal, largest finite); onnxconverter-common's defaults (1e-7, 1e4)
+# would clamp any constant above 1e4.
+_FP16_TINY = 5.96e-08
+_FP16_MAX = 65504.0
+
+
 def _float16_converter() -> Callable[..., onnx.ModelProto]:
     try:
         from onnxconverter_common import float16  # noqa: PLC0415 - optional, only this command needs it
@@ -565,32 +552,116 @@ def _float16_converter() -> Callable[..., onnx.ModelProto]:
     return float16.convert_float_to_float16
 
 
+def _to_fp16_with_fp32_head(model: onnx.ModelProto, convert: Callable[..., onnx.ModelProto]) -> onnx.ModelProto:
+    """Convert the backbone (everything up to ``features``) to float16; put the float32 head back on top.
+
+    onnxconverter-common's ``node_block_list`` would keep the head's nodes in float32 but casts every
+    tensor between two of them through float16 and leaves ``logits`` typed float16; so the head is taken
+    off, the backbone converted with float32 input and ``features``, and the original head re-attached to
+    float32 casts of the tensors it reads.
+    """
+    graph = model.graph
+    head_index = set(_head_nodes(graph))
+    head = [graph.node[i] for i in sorted(head_index)]
+    body = [node for i, node in enumerate(graph.node) if i not in head_index]
+    head_outputs = {name for node in head for name in node.output}
+    head_inputs = list(dict.fromkeys(name for node in head for name in node.input if name))
+    body_inputs = {name for node in body for name in node.input}
+    initializers = {init.name: init for init in graph.initializer}
+    head_only = [initializers[n] for n in head_inputs if n in initializers and n not in body_inputs]
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in [*onnx.shape_inference.infer_shapes(model).graph.value_info, *graph.input, *graph.output]}
+    types.update({init.name: init.data_type for init in graph.initializer})
+
+    backbone = onnx.ModelProto()
+    backbone.CopyFrom(model)
+    backbone.graph.ClearField("node")
+    backbone.graph.node.extend(body)
+    dropped = {init.name for init in head_only}
+    kept = [init for init in model.graph.initializer if init.name not in dropped]
+    backbone.graph.ClearField("initializer")
+    backbone.graph.initializer.extend(kept)
+    keep_info = [vi for vi in model.graph.value_info if vi.name not in head_outputs]
+    backbone.graph.ClearField("value_info")
+    backbone.graph.value_info.extend(keep_info)
+    outputs = [o for o in model.graph.output if o.name != LOGITS]
+    backbone.graph.ClearField("output")
+    backbone.graph.output.extend(outputs)
+    converted = convert(backbone, min_positive_val=_FP16_TINY, max_finite_val=_FP16_MAX, keep_io_types=True)
+
+    # What the head reads from the backbone (the map, and any shared constant) it now reads in float32.
+    converted_inits = {init.name: init for init in converted.graph.initializer}
+    rename: dict[str, str] = {}
+    casts = []
+    for name in head_inputs:
+        if name in head_outputs or name in dropped or types.get(name) != TensorProto.FLOAT:
+            continue
+        if name == FEATURES or name in {i.name for i in converted.graph.input}:
+            continue  # float32 already: keep_io_types keeps the graph's inputs and outputs float32
+        rename[name] = f"{name}_float32"
+        if name in converted_inits:
+            converted.graph.initializer.append(_renamed_copy(initializers[name], rename[name]))
+        else:
+            casts.append(helper.make_node("Cast", [name], [rename[name]], to=TensorProto.FLOAT,
+                                          name=f"realtime_cam_{name}_to_float32"))
+    attached = []
+    for node in head:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        for i, name in enumerate(copy.input):
+            copy.input[i] = rename.get(name, name)
+        attached.append(copy)
+    converted.graph.initializer.extend(head_only)
+    converted.graph.node.extend([*casts, *attached])
+    features = [o for o in converted.graph.output if o.name == FEATURES]
+    others = [o for o in converted.graph.output if o.name != FEATURES]
+    logits = [o for o in model.graph.output if o.name == LOGITS]
+    converted.graph.ClearField("output")
+    converted.graph.output.extend([*logits, *features, *others])
+    return converted
+
+
+def _renamed_copy(init: onnx.TensorProto, name: str) -> onnx.TensorProto:
+    """A copy of an initializer under another name."""
+    copy = onnx.TensorProto()
+    copy.CopyFrom(init)
+    copy.name = name
+    return copy
+
+
 def _test_inputs(info: ModelInfo, count: int) -> list[np.ndarray]:
-    """Seeded smooth random images (blobs, not white noise), preprocessed as the runtime does."""
+    """Seeded smooth random images (colour blobs, not white noise), preprocessed as the runtime does."""
     rng = np.random.default_rng(0)
     preprocess = Preprocessor(info.input_size_hw, info.mean, info.std, info.channel_order)
-    inputs = []
-    for _ in range(count):
-        coarse = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
-        h, w = info.input_size_hw
-        import cv2  # noqa: PLC0415 - already loaded by realtime_cam.preprocess
-
-        inputs.append(preprocess(cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)).copy())
-    return inputs
+    h, w = info.input_size_hw
+    return [
+        preprocess(cv2.resize(rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8), (w, h),
+                              interpolation=cv2.INTER_CUBIC)).copy()
+        for _ in range(count)
+    ]
 
 
 def convert_fp16(
     fp32_path: str | os.PathLike,
     output: str | os.PathLike,
     *,
+    check: Sources | None = None,
+    check_frames: int = 100,
     log: Callable[[str], None] = print,
 ) -> Fp16Report:
     """Convert a contract file to float16 for the CUDA provider, keeping float32 inputs and outputs.
 
-    Everything but the head runs in float16 (onnxconverter-common's ``convert_float_to_float16`` with
-    ``keep_io_types``); the head (pooling and linear layer) stays float32 and the file's head metadata
-    points at a float32 copy of W and b. The result is checked in ONNX Runtime's CPU provider (which runs
-    float16 nodes through inserted casts: correct, slow) against the fp32 file.
+    The backbone runs in float16 (onnxconverter-common's ``convert_float_to_float16`` with
+    ``keep_io_types``); the head (pooling and linear layer) stays float32, so the file's head W, b (the
+    fp32 file's, float32) explain its logits exactly. The result is checked in ONNX Runtime's CPU provider
+    (which runs float16 nodes through inserted casts: correct, slow) against the fp32 file.
+
+    Args:
+        fp32_path: the float32 contract file.
+        output: where to write the float16 contract file (written to a temporary name, checked, renamed).
+        check: frames to measure :func:`fidelity` on right away, in the CPU provider (optional).
+        check_frames: at most this many check frames.
+        log: where the human-readable summary lines go.
 
     Raises:
         ExportError: a model that is not a contract file, onnxconverter-common missing, or a converted
@@ -599,16 +670,24 @@ def convert_fp16(
     fp32_path, output = Path(fp32_path), Path(output)
     source_model, info, weight, bias = _load_contract(fp32_path)
     convert = _float16_converter()
+    try:
+        check_iter = sample_frames(check, check_frames) if check is not None else None
+    except SourceError as exc:
+        raise ExportError(f"check source: {exc}") from None
     model = onnx.ModelProto()
     model.CopyFrom(source_model)
     _drop_unused_head_copies(model)
-    head = _name_nodes(model.graph, _head_nodes(model.graph))
     try:
-        model = convert(model, keep_io_types=True, node_block_list=head)
+        with warnings.catch_warnings(record=True) as clamped:
+            warnings.simplefilter("always")
+            model = _to_fp16_with_fp32_head(model, convert)
     except Exception as exc:  # noqa: BLE001 - the converter raises ValueError, KeyError, ... on odd graphs
         raise ExportError(f"float16 conversion of {fp32_path.name} failed ({str(exc).splitlines()[0][:200]})") from None
+    if clamped:
+        log(f"{len(clamped)} weights outside float16's range (magnitudes {_FP16_TINY:g} to {_FP16_MAX:g}) "
+            "were clamped into it")
     _keep_metadata(model, source_model)
-    note = "float16 (inputs, outputs and head float32)"
+    note = "float16 (float32 input, outputs and head)"
     info = dataclasses.replace(info, source=f"{info.source}; {note}" if info.source else note)
     write_contract(model, info, weight, bias)
 
@@ -620,8 +699,8 @@ def convert_fp16(
     def verify(saved: Path) -> tuple[float, float, float]:
         got = _check_outputs(saved, inputs, weight, bias, "float16")
         diff = max(float(np.abs(g - e).max()) for g, e in zip(got, expected, strict=True))
-        # float16 keeps 11 significant bits; across a deep network the logits drift by a few per mille of
-        # their scale. 2% of the largest logit flags a broken conversion, not rounding.
+        # float16 keeps 11 significant bits; through a deep network the logits drift by a few per mille of
+        # their scale. 2% of the largest logit flags a broken conversion (overflow, underflow), not rounding.
         bound = 0.02 * max(1.0, max(float(np.abs(e).max()) for e in expected))
         if diff > bound:
             raise ExportError(f"the float16 model's logits differ from the fp32 model's by {diff:.3g} "
@@ -630,7 +709,11 @@ def convert_fp16(
         return diff, bound, 100.0 * sum(agree) / len(agree)
 
     diff, bound, agreement = replace_atomically(model, output, verify)
-    log(f"wrote {output} ({note}); on {len(inputs)} test inputs its logits are within {diff:.3g} of the "
+    log(f"wrote {output} ({note}); on {len(inputs)} test images its logits are within {diff:.3g} of the "
         f"fp32 model's (allowed {bound:.3g}), top-1 agreement {agreement:.0f}%")
+    result = None
+    if check_iter is not None:
+        result = fidelity(CamModel(fp32_path, device="cpu"), CamModel(output, device="cpu"), check_iter)
+        log(f"float16 vs fp32: {format_fidelity(result)}")
     return Fp16Report(path=output, checked_inputs=len(inputs), top1_agreement_pct=agreement,
-                      logits_max_abs_diff=diff, logits_bound=bound)
+                      logits_max_abs_diff=diff, logits_bound=bound, fidelity=result)

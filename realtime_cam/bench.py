@@ -23,6 +23,7 @@ import numpy as np
 
 from . import __version__
 from .errors import CamError, DeviceError
+from .fidelity import fidelity
 from .model import CamModel
 from .overlay import render
 from .pipeline import RunOptions, StageTimes, run_loop
@@ -176,23 +177,6 @@ def bench_seed(model: CamModel, frames: list[np.ndarray], device: str, warmup: i
     return {"fps": fps_of(stamps), "torch": torch.__version__, "device": dev, "threads": torch.get_num_threads()}
 
 
-def fidelity(reference: CamModel, candidate: CamModel, frames: list[np.ndarray]) -> dict:
-    """Top-1 agreement and the Pearson r of the maps for the reference's class, frame by frame."""
-    from .cams import cam
-
-    agree, rs = [], []
-    for frame in frames:
-        ref_logits, ref_feats = reference.infer(frame)
-        logits, feats = candidate.infer(frame)
-        c = int(np.argmax(ref_logits))
-        agree.append(int(np.argmax(logits)) == c)
-        a = cam(ref_feats, reference.head_weight, c).ravel().astype(np.float64)
-        b = cam(feats, candidate.head_weight, c).ravel().astype(np.float64)
-        rs.append(float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float(np.array_equal(a, b)))
-    return {"frames": len(frames), "top1_agreement_pct": 100.0 * float(np.mean(agree)),
-            "map_pearson_r_median": float(np.median(rs)), "map_pearson_r_min": float(np.min(rs))}
-
-
 def environment() -> dict:
     """Versions, CPU model and thread counts: what a reader needs to compare two benchmark runs."""
     import onnxruntime as ort
@@ -264,7 +248,8 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict:
                     reference = model
                 elif reference is not None and reference.provider == model.provider:
                     log(f"[{device}] {name}: fidelity against {Path(config.models[0]).name}")
-                    row["fidelity_vs_first"] = fidelity(reference, model, frames[:: max(1, len(frames) // 100)])
+                    result = fidelity(reference, model, frames[:: max(1, len(frames) // 100)])
+                    row["fidelity_vs_first"] = {k: v for k, v in result.items() if k not in ("top1_agree", "map_r")}
                 report["results"].append(row)
                 if config.seed_baseline and not seed_done:
                     log(f"[{device}] seed approach (PyTorch eager + numpy CAM + OpenCV overlay)")
@@ -291,7 +276,7 @@ def format_table(report: dict) -> str:
             Path(r["model"]).name, r["device"], f"{r['inference']['fps']:.1f}", f"{r['pipeline']['fps']:.1f}",
             f"{r['file_to_file']['fps']:.1f}", f"{r['ratios']['file_to_file_vs_inference']:.2f}",
             f"{r['ratios']['pipeline_vs_seed']:.2f}" if "pipeline_vs_seed" in r["ratios"] else "-",
-            f"top1 {fid['top1_agreement_pct']:.0f}% r {fid['map_pearson_r_median']:.3f}" if fid else "-",
+            f"top1 {fid['top1_agreement_pct']:.0f}% r {fid['map_r_median']:.3f}" if fid else "-",
         ])
     for device, seed in report.get("seed_baseline", {}).items():
         rows.append(["seed (torch eager)", device, "-", f"{seed['fps']:.1f}", "-", "-", "1.00", "-"])

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +15,7 @@ from . import __version__
 from .cams import METHODS
 from .overlay import COLORMAPS
 from .temporal import SCALES
+from .export.precision import CALIBRATIONS, DEFAULT_CALIBRATION
 from .evaluate import add_parser as add_evaluate_parser
 from .evaluate import cmd_evaluate
 from .view import KEY_HELP
@@ -189,6 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--std", type=_positive_float, nargs=3, default=None,
                         help="--from-onnx: per-channel std on the 0..1 scale (default ImageNet's)")
     export.add_argument("--bgr", action="store_true", help="--from-onnx: the model takes BGR channel order")
+    precision = export.add_mutually_exclusive_group()
+    precision.add_argument("--int8", action="store_true",
+                           help="write a static int8 model for the CPU (QDQ, per-channel weights, head kept fp32); "
+                                "needs --calibrate")
+    precision.add_argument("--fp16", action="store_true",
+                           help="write a float16 model for the CUDA provider (head and I/O kept fp32); "
+                                "needs onnxconverter-common")
+    export.add_argument("--calibrate", action="append", default=None, metavar="SOURCE",
+                        help="--int8: video files, image files or folders whose frames calibrate the activation "
+                             "ranges (repeatable); use frames like the ones you will run on")
+    export.add_argument("--calibration-frames", type=_positive_int, default=200, help="--int8: at most this many")
+    export.add_argument("--calibration", choices=sorted(CALIBRATIONS), default=DEFAULT_CALIBRATION,
+                        help="--int8: how activation ranges are chosen")
+    export.add_argument("--check", action="append", default=None, metavar="SOURCE",
+                        help="--int8/--fp16: frames NOT used for calibration on which to report top-1 agreement "
+                             "and map correlation with the fp32 model (repeatable)")
     return parser
 
 
@@ -267,11 +285,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     output = args.output if args.output is not None else default_model_path(args.arch)
+    if args.from_onnx is not None and args.output is None:
+        output = default_model_path(args.from_onnx.stem)
+    if args.int8 and not args.calibrate:
+        raise CamError("--int8 needs --calibrate SOURCE: frames (videos, images, folders) to set activation ranges")
+    if (args.calibrate or args.check) and not (args.int8 or args.fp16):
+        raise CamError("--calibrate and --check go with --int8 (or --check with --fp16)")
+    if not (args.int8 or args.fp16):
+        _export_fp32(args, output)
+        log.info("wrote %s", output)
+        return EXIT_OK
+    from .export.precision import convert_fp16, quantize_int8
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".realtime-cam-", dir=output.parent) as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        _export_fp32(args, fp32)
+        if args.int8:
+            quantize_int8(fp32, output, args.calibrate, max_frames=args.calibration_frames,
+                          method=args.calibration, check=args.check, log=log.info)
+        else:
+            convert_fp16(fp32, output, check=args.check, log=log.info)
+    log.info("wrote %s", output)
+    return EXIT_OK
+
+
+def _export_fp32(args: argparse.Namespace, output: Path) -> None:
+    """The float32 contract file, from an ONNX classifier or a torchvision backbone."""
     if args.from_onnx is not None:
         from .export.from_onnx import rewrite_onnx_classifier
 
-        if args.output is None:
-            output = default_model_path(args.from_onnx.stem)
         rewrite_onnx_classifier(
             args.from_onnx, output, labels_path=args.labels,
             input_size_hw=tuple(args.input_size) if args.input_size else None,
@@ -287,8 +330,6 @@ def cmd_export(args: argparse.Namespace) -> int:
             ) from None
         export_torchvision(args.arch, args.weights, output, opset=args.opset, labels_path=args.labels,
                            log=log.info)
-    log.info("wrote %s", output)
-    return EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
