@@ -22,6 +22,7 @@ from .progress import Progress
 from .sinks import Sink, VideoFileSink, WindowSink
 from .sources import Frame
 from .temporal import TemporalFilter, TemporalOptions, flicker
+from .threads import lower_this_threads_priority
 from .view import KEY_HELP, QUIT, RECORD, SNAPSHOT, ViewState, handle_key
 
 STAGES = ("wait", "preprocess", "inference", "cam", "overlay", "output")
@@ -146,6 +147,7 @@ class _RenderWorker:
         self._thread.start()
 
     def _loop(self) -> None:
+        lower_this_threads_priority()
         while True:
             item = self._queue.get()
             if item is None:

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from .errors import SinkError
+from .threads import lower_this_threads_priority
 
 # Container -> codec OpenCV's bundled FFmpeg writes without extra libraries.
 VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
@@ -98,6 +99,7 @@ class VideoFileSink(Sink):
         self._thread.start()
 
     def _encode_loop(self) -> None:
+        lower_this_threads_priority()
         while True:
             image = self._queue.get()
             if image is None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import SourceError
 from .preprocess import as_bgr
+from .threads import lower_this_threads_priority
 
 log = logging.getLogger("realtime_cam")
 
@@ -191,6 +192,7 @@ class CaptureSource(FrameSource):
         self._thread: threading.Thread | None = None
 
     def _read_loop(self) -> None:
+        lower_this_threads_priority()
         error: BaseException | None = None
         index = 1
         try:
