@@ -185,6 +185,10 @@ class CamModel:
         """The model's input for one frame: [1, 3, H, W] float32 (a reused buffer)."""
         return self._preprocess(as_bgr(frame_bgr))
 
+    def prepare_copy(self, frame_bgr: np.ndarray) -> np.ndarray:
+        """Like :meth:`prepare`, into a new array: for preprocessing ahead of inference in another thread."""
+        return self._preprocess(as_bgr(frame_bgr), out=np.empty_like(self._preprocess.buffer))
+
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the network on a prepared batch: (logits [N, K], features [N, C, h, w]), float32."""
         logits, features = self._session.run([LOGITS, FEATURES], {self._input_name: batch})

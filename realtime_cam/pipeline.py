@@ -9,7 +9,7 @@ import time
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -130,17 +130,97 @@ def draw(frame: Frame, prediction: Prediction, view: ViewState, options: RunOpti
     return render(frame.image_bgr, prediction, style, hud, box_xyxy=box, help_lines=help_lines)
 
 
-class _RenderWorker:
-    """Draws overlays and hands them to the sinks in a thread of its own (headless runs).
+class _FlickerMeter:
+    """Mean absolute change of the shown map between consecutive frames."""
 
-    Frames keep their order (one worker, one FIFO queue). An error in the worker stops the run: it is
-    raised again in the loop's thread at the next frame or at :meth:`finish`.
+    def __init__(self) -> None:
+        self._previous: np.ndarray | None = None
+        self._sum, self._n = 0.0, 0
+
+    def add(self, shown: np.ndarray) -> None:
+        change = flicker(self._previous, shown)
+        if change is not None:
+            self._sum, self._n = self._sum + change, self._n + 1
+        self._previous = shown
+
+    @property
+    def value(self) -> float | None:
+        return self._sum / self._n if self._n else None
+
+
+class _Prefetcher:
+    """Preprocesses frames in a thread of its own, ahead of inference (headless runs).
+
+    Yields (frame, batch) in order; an error in the thread (or in the source) is raised in the consumer.
     """
 
-    def __init__(self, sinks: Sequence[Sink], options: RunOptions, times: StageTimes, queue_size: int = 4) -> None:
+    def __init__(self, frames: Iterable[Frame], prepare: Callable[[np.ndarray], np.ndarray],
+                 times: StageTimes, queue_size: int = 4) -> None:
+        self._frames = frames
+        self._prepare = prepare
+        self._times = times
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="preprocess", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        """Hand an item over (waiting for room); False once the consumer has closed."""
+        if self._stop.is_set():
+            return False
+        self._queue.put(item)
+        return not self._stop.is_set()
+
+    def _loop(self) -> None:
+        lower_this_threads_priority()
+        try:
+            for frame in self._frames:
+                t0 = time.perf_counter()
+                batch = self._prepare(frame.image_bgr)
+                self._times.add("preprocess", time.perf_counter() - t0)
+                if not self._put((frame, batch)):
+                    return
+            self._put(None)
+        except BaseException as exc:  # surfaces in the consumer
+            self._put(exc)
+
+    def __iter__(self) -> Iterator[tuple[Frame, np.ndarray]]:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        # Emptying the queue releases a put() that waits for room; the thread then sees the stop flag.
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=5.0)
+
+
+class _RenderWorker:
+    """Explains, draws and writes frames in a thread of its own (headless runs).
+
+    Frames keep their order (one worker, one FIFO queue), so the temporal filter sees them in sequence.
+    An error in the worker stops the run: it is raised again in the loop's thread at the next frame or at
+    :meth:`finish`.
+    """
+
+    def __init__(self, model: CamModel, sinks: Sequence[Sink], options: RunOptions, times: StageTimes,
+                 queue_size: int = 4) -> None:
+        self._model = model
         self._sinks = sinks
         self._options = options
         self._times = times
+        self._temporal = TemporalFilter(options.temporal)
+        self.flicker = _FlickerMeter()
+        self.last: Prediction | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="render", daemon=True)
@@ -148,6 +228,7 @@ class _RenderWorker:
 
     def _loop(self) -> None:
         lower_this_threads_priority()
+        view = self._options.view
         while True:
             item = self._queue.get()
             if item is None:
@@ -155,15 +236,20 @@ class _RenderWorker:
             if self._error is not None:
                 continue  # drain, so that a producer blocked on put() is released
             try:
-                frame, prediction, view, hud = item
+                frame, logits, features = item
                 t0 = time.perf_counter()
-                overlay = draw(frame, prediction, view, self._options, hud)
+                prediction = explain_frame(self._model, logits, features, view, self._temporal)
+                self.flicker.add(prediction.cam)
                 t1 = time.perf_counter()
+                overlay = draw(frame, prediction, view, self._options, ())
+                t2 = time.perf_counter()
                 for sink in self._sinks:
                     sink.write(overlay)
-                t2 = time.perf_counter()
-                self._times.add("overlay", t1 - t0)
-                self._times.add("output", t2 - t1)
+                t3 = time.perf_counter()
+                self.last = prediction
+                self._times.add("cam", t1 - t0)
+                self._times.add("overlay", t2 - t1)
+                self._times.add("output", t3 - t2)
             except BaseException as exc:  # surfaces in the loop's thread
                 self._error = exc
 
@@ -171,9 +257,9 @@ class _RenderWorker:
         if self._error is not None:
             raise self._error
 
-    def submit(self, frame: Frame, prediction: Prediction, view: ViewState, hud: list[str]) -> None:
+    def submit(self, frame: Frame, logits: np.ndarray, features: np.ndarray) -> None:
         self.check()
-        self._queue.put((frame, prediction, view, hud))
+        self._queue.put((frame, logits, features))
 
     def finish(self) -> None:
         """Wait for every submitted frame to be drawn and written; raise the worker's error, if any."""
@@ -233,22 +319,85 @@ def run_loop(
 ) -> RunResult:
     """Explain every frame the iterable yields and send the overlays to the sinks and the window.
 
-    Inference runs back to back in this thread. With a window, overlays are drawn and shown here too
-    (window calls must stay on the main thread) and keys change the view (see ``view.KEY_HELP``);
-    headless, a render thread draws and writes them, so that drawing and encoding overlap inference.
+    Headless, the work is pipelined so that inference runs back to back in this thread: a thread
+    preprocesses ahead, and a render thread explains, draws and hands overlays to the sinks (whose encoder
+    has a thread of its own). With a window, everything after inference happens here, because window calls
+    must stay on the main thread and keys (see ``view.KEY_HELP``) change what the next frame shows.
     """
+    if window is None:
+        return _run_headless(model, frames, sinks, options, progress)
+    return _run_windowed(model, frames, sinks, window, options, progress)
+
+
+class _Rate:
+    """FPS over N frames = (N - 1) / (t_last - t_first), and a smoothed rate for the HUD."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.first_at = self.last_at = 0.0
+        self.shown = 0.0
+
+    def tick(self, now: float) -> None:
+        if self.done and now > self.last_at:  # the HUD's FPS: a smoothed frame-to-frame rate
+            instant = 1.0 / (now - self.last_at)
+            self.shown = instant if self.shown == 0 else 0.9 * self.shown + 0.1 * instant
+        self.done += 1
+        if self.done == 1:
+            self.first_at = now
+        self.last_at = now
+
+    @property
+    def fps(self) -> float:
+        if self.done < 2 or self.last_at <= self.first_at:
+            return 0.0
+        return (self.done - 1) / (self.last_at - self.first_at)
+
+
+def _run_headless(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink], options: RunOptions,
+                  progress: Progress | None) -> RunResult:
     times = StageTimes()
+    rate = _Rate()
+    stopped_by = "end"
+    prefetch = _Prefetcher(frames, model.prepare_copy, times)
+    worker = _RenderWorker(model, sinks, options, times)
+    t_prev = time.perf_counter()
+    try:
+        for frame, batch in prefetch:
+            t0 = time.perf_counter()
+            logits, features = model.forward(batch)
+            t1 = time.perf_counter()
+            worker.submit(frame, logits[0], features[0])
+            times.add("wait", t0 - t_prev)
+            times.add("inference", t1 - t0)
+            t_prev = time.perf_counter()
+            rate.tick(t_prev)
+            if progress is not None:
+                progress.update(rate.done, rate.fps)
+            if options.max_frames is not None and rate.done >= options.max_frames:
+                stopped_by = "max-frames"
+                break
+    finally:
+        prefetch.close()
+        worker.finish()  # on Ctrl-C too: every frame handed over is written before the sinks close
+    if rate.done > 1:
+        rate.last_at = time.perf_counter()  # the run ends when the last overlay is written
+    if progress is not None:
+        progress.close(rate.done, rate.fps)
+    return RunResult(frames=rate.done, fps=rate.fps, stage_ms=times.summary(), stopped_by=stopped_by,
+                     last=worker.last, flicker=worker.flicker.value)
+
+
+def _run_windowed(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink], window: WindowSink,
+                  options: RunOptions, progress: Progress | None) -> RunResult:
+    times = StageTimes()
+    rate = _Rate()
     temporal = TemporalFilter(options.temporal)
+    meter = _FlickerMeter()
     view = options.view
-    worker = _RenderWorker(sinks, options, times) if window is None else None
     recorder = _Recorder(options.snapshot_dir, options.record_fps)
-    first_at = last_at = 0.0
-    done = 0
-    fps_shown = latency_ms = 0.0
+    latency_ms = 0.0
     stopped_by = "end"
     prediction: Prediction | None = None
-    previous_map: np.ndarray | None = None
-    flicker_sum, flicker_n = 0.0, 0
     t_prev = time.perf_counter()
     try:
         for frame in frames:
@@ -258,88 +407,64 @@ def run_loop(
             logits, features = model.forward(batch)
             t2 = time.perf_counter()
             prediction = explain_frame(model, logits[0], features[0], view, temporal)
-            change = flicker(previous_map, prediction.cam)
-            if change is not None:
-                flicker_sum, flicker_n = flicker_sum + change, flicker_n + 1
-            previous_map = prediction.cam
+            meter.add(prediction.cam)
             t3 = time.perf_counter()
             hud = []
-            if options.show_fps and done > 1:
-                hud = [f"{fps_shown:.1f} FPS" + (f"  latency {latency_ms:.0f} ms" if options.show_latency else "")]
-            if worker is not None:
-                worker.submit(frame, prediction, view, hud)
-                t5 = time.perf_counter()
-            else:
-                overlay = draw(frame, prediction, view, options, hud)
-                t4 = time.perf_counter()
-                for out in (*sinks, *([recorder.video] if recorder.video else []), window):
-                    out.write(overlay)
-                t5 = time.perf_counter()
-                times.add("overlay", t4 - t3)
-                times.add("output", t5 - t4)
-                latency_ms = (t5 - frame.captured_at) * 1000.0 if frame.captured_at else 0.0
-            times.add("wait", t0 - t_prev)
-            times.add("preprocess", t1 - t0)
-            times.add("inference", t2 - t1)
-            times.add("cam", t3 - t2)
-            interval = t5 - t_prev
+            if options.show_fps and rate.done > 1:
+                hud = [f"{rate.shown:.1f} FPS" + (f"  latency {latency_ms:.0f} ms" if options.show_latency else "")]
+            overlay = draw(frame, prediction, view, options, hud)
+            t4 = time.perf_counter()
+            for out in (*sinks, *([recorder.video] if recorder.video else []), window):
+                out.write(overlay)
+            t5 = time.perf_counter()
+            latency_ms = (t5 - frame.captured_at) * 1000.0 if frame.captured_at else 0.0
+            for stage, seconds in zip(STAGES, (t0 - t_prev, t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                times.add(stage, seconds)
             t_prev = t5
-
-            done += 1
-            if done == 1:
-                first_at = t5
-            last_at = t5
-            if done > 1:  # the HUD's FPS: a smoothed frame-to-frame rate
-                fps_now = 1.0 / max(interval, 1e-9)
-                fps_shown = fps_now if fps_shown == 0 else 0.9 * fps_shown + 0.1 * fps_now
+            rate.tick(t5)
             if progress is not None:
-                progress.update(done, (done - 1) / (last_at - first_at) if done > 1 else 0.0)
-            if window is not None:
-                key = window.last_key
-                if options.pace_fps > 0:  # wait out the frame's slot, serving keys meanwhile
-                    remaining_ms = int((first_at + (done - 1) / options.pace_fps - time.perf_counter()) * 1000)
-                    if remaining_ms > 1:
-                        waited = window.wait_key(remaining_ms)
-                        key = key if waited < 0 else waited
-                while True:  # keys; while paused, keep serving them (and redraw what they change)
-                    new_view, action = handle_key(view, key, prediction.class_id)
-                    if action == QUIT:
-                        stopped_by = "quit"
-                        break
-                    if action == SNAPSHOT:
-                        recorder.snapshot(overlay, frame, prediction, cam_box(
-                            prediction.cam, frame.image_bgr.shape[1::-1], options.box_threshold)
-                            if view.show_box else None)
-                    elif action == RECORD:
-                        recorder.toggle(frame)
-                    if new_view != view:
-                        view = new_view
-                        if view.paused:  # show the change on the held frame
-                            prediction = explain_frame(model, logits[0], features[0], view, temporal)
-                            overlay = draw(frame, prediction, view, options, hud + ["paused"])
-                            window.write(overlay)
-                    if window.closed:
-                        stopped_by = "window-closed"
-                        break
-                    if not view.paused:
-                        break
-                    key = window.wait_key(30)
-                if stopped_by != "end":
+                progress.update(rate.done, rate.fps)
+            key = window.last_key
+            if options.pace_fps > 0:  # wait out the frame's slot, serving keys meanwhile
+                remaining_ms = int((rate.first_at + (rate.done - 1) / options.pace_fps - time.perf_counter()) * 1000)
+                if remaining_ms > 1:
+                    waited = window.wait_key(remaining_ms)
+                    key = key if waited < 0 else waited
+            while True:  # keys; while paused, keep serving them (and redraw what they change)
+                new_view, action = handle_key(view, key, prediction.class_id)
+                if action == QUIT:
+                    stopped_by = "quit"
                     break
-            if options.max_frames is not None and done >= options.max_frames:
+                if action == SNAPSHOT:
+                    box = cam_box(prediction.cam, frame.image_bgr.shape[1::-1], options.box_threshold) \
+                        if view.show_box else None
+                    recorder.snapshot(overlay, frame, prediction, box)
+                elif action == RECORD:
+                    recorder.toggle(frame)
+                if new_view != view:
+                    view = new_view
+                    if view.paused:  # show the change on the held frame
+                        prediction = explain_frame(model, logits[0], features[0], view, temporal)
+                        overlay = draw(frame, prediction, view, options, hud + ["paused"])
+                        window.write(overlay)
+                if window.closed:
+                    stopped_by = "window-closed"
+                    break
+                if not view.paused:
+                    break
+                key = window.wait_key(30)
+            if stopped_by != "end":
+                break
+            if options.max_frames is not None and rate.done >= options.max_frames:
                 stopped_by = "max-frames"
                 break
     finally:
-        if worker is not None:
-            worker.finish()  # on Ctrl-C too: every frame handed over is written before the sinks close
-            last_at = time.perf_counter() if done > 1 else last_at
         recorder.stop()
-    fps = (done - 1) / (last_at - first_at) if done > 1 and last_at > first_at else 0.0
     if progress is not None:
-        progress.close(done, fps)
+        progress.close(rate.done, rate.fps)
     return RunResult(
-        frames=done, fps=fps, stage_ms=times.summary(), stopped_by=stopped_by, last=prediction,
-        flicker=flicker_sum / flicker_n if flicker_n else None, snapshots=tuple(recorder.written),
+        frames=rate.done, fps=rate.fps, stage_ms=times.summary(), stopped_by=stopped_by, last=prediction,
+        flicker=meter.value, snapshots=tuple(recorder.written),
     )
 
 

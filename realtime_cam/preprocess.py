@@ -53,13 +53,20 @@ class Preprocessor:
         h, w = input_size_hw
         self._out = np.empty((1, 3, h, w), dtype=np.float32)
 
-    def __call__(self, frame_bgr: np.ndarray) -> np.ndarray:
+    @property
+    def buffer(self) -> np.ndarray:
+        """The reused [1, 3, H, W] output buffer."""
+        return self._out
+
+    def __call__(self, frame_bgr: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The model input for one frame, in ``out`` if given, else in the reused buffer."""
         h, w = self.input_size_hw
         resized = cv2.resize(frame_bgr, (w, h), interpolation=cv2.INTER_LINEAR)
         if self._swap_rb:
             resized = resized[:, :, ::-1]
-        chw = self._out[0]
+        target = self._out if out is None else out
+        chw = target[0]
         np.copyto(chw, resized.transpose(2, 0, 1))
         chw *= self._scale
         chw += self._offset
-        return self._out
+        return target

@@ -9,7 +9,7 @@ import threading
 # regions wait for their slowest thread: a helper thread that preempts one of them stalls the whole
 # operator. At a lower priority the helpers fill the gaps between operators instead (Linux applies nice
 # per thread).
-WORKER_NICENESS = 10
+WORKER_NICENESS = 19
 
 
 def lower_this_threads_priority(niceness: int = WORKER_NICENESS) -> None:
