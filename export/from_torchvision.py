@@ -201,8 +201,10 @@ def build_model(arch: str, weights: str, log: Callable[[str], None] = print) -> 
     mean, std, size = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (224, 224)
     if weights.lower() == "none":
         log(f"{arch}: random weights (--weights none): for tests and benchmarks only, its maps mean nothing")
-        return torchvision.models.get_model(arch, weights=None).eval(), ModelInfo(
-            labels=default_labels(1000), source=f"torchvision {arch}, random weights")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same 'random' network every time, so two exports can be compared
+            model = torchvision.models.get_model(arch, weights=None).eval()
+        return model, ModelInfo(labels=default_labels(1000), source=f"torchvision {arch}, random weights (seed 0)")
     if os.path.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or os.path.exists(weights):
         state = _state_dict_from(weights)
         num_classes = _head_classes(state, arch) or 1000
