@@ -13,15 +13,15 @@ from typing import Sequence
 
 from . import __version__
 from .cams import METHODS
-from .overlay import COLORMAPS
-from .temporal import SCALES
-from .export.precision import CALIBRATIONS, DEFAULT_CALIBRATION
+from .errors import CamError
 from .evaluate import add_parser as add_evaluate_parser
 from .evaluate import cmd_evaluate
-from .view import KEY_HELP
-from .errors import CamError
+from .export.precision import CALIBRATIONS, DEFAULT_CALIBRATION
 from .model import DEVICES
+from .overlay import COLORMAPS
 from .paths import default_model_path
+from .temporal import SCALES
+from .view import KEY_HELP
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -227,12 +227,11 @@ def _export_missing_default(path: Path) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from .model import CamModel
     from .pipeline import RunOptions, hold_window, run_loop
+    from .progress import Progress
+    from .sinks import IMAGE_EXTENSIONS, VIDEO_CODECS, ImageFileSink, VideoFileSink, WindowSink, check_output_path
+    from .sources import open_source
     from .temporal import TemporalOptions
     from .view import ViewState
-    from .progress import Progress
-    from .sinks import IMAGE_EXTENSIONS, ImageFileSink, VideoFileSink, WindowSink, check_output_path
-    from .sinks import VIDEO_CODECS
-    from .sources import open_source
 
     if args.output is not None:  # refuse an unwritable output before any work is done
         check_output_path(args.output, {**VIDEO_CODECS, **dict.fromkeys(IMAGE_EXTENSIONS, "")})
