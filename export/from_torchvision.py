@@ -235,7 +235,7 @@ def build_model(arch: str, weights: str, log: Callable[[str], None] = print) -> 
         reason = getattr(exc, "reason", None) or str(exc).splitlines()[0]
         raise ExportError(
             f"could not get {arch} weights {chosen} ({reason}); offline, download {chosen.url} and put it at "
-            f"{checkpoint} (TORCH_HOME sets the folder), or pass --weights PATH"
+            f"{checkpoint} (TORCH_HOME sets the folder), or export from a local file: realtime-cam export --weights PATH"
         ) from None
     transforms = chosen.transforms()
     crop = getattr(transforms, "crop_size", [224])
