@@ -25,9 +25,7 @@ from . import __version__
 from .errors import CamError, DeviceError
 from .fidelity import fidelity
 from .model import CamModel
-from .overlay import render
-from .pipeline import RunOptions, StageTimes, run_loop
-from .progress import Progress
+from .pipeline import RunOptions, run_loop
 from .sinks import NullSink, VideoFileSink
 from .sources import CaptureSource, Frame, open_source
 
@@ -102,7 +100,7 @@ def bench_inference(model: CamModel, frames: list[np.ndarray], warmup: int) -> d
     for b in batches[:warmup]:
         model.forward(b)
     stamps, durations = [], []
-    for b in batches:
+    for b in batches[warmup:]:
         t0 = time.perf_counter()
         model.forward(b)
         t1 = time.perf_counter()
@@ -114,12 +112,17 @@ def bench_inference(model: CamModel, frames: list[np.ndarray], warmup: int) -> d
 def bench_pipeline_memory(model: CamModel, frames: list[np.ndarray], warmup: int) -> dict:
     """The whole loop (preprocess, inference, CAM, overlay) on frames already in memory, output dropped."""
     run_loop(model, (Frame(i, f, 0.0) for i, f in enumerate(frames[:warmup])), sinks=[NullSink()])
-    result = run_loop(model, (Frame(i, f, time.perf_counter()) for i, f in enumerate(frames)), sinks=[NullSink()])
+    result = run_loop(model, (Frame(i, f, time.perf_counter()) for i, f in enumerate(frames[warmup:])),
+                      sinks=[NullSink()])
     return {"fps": result.fps, "stages": result.stage_ms}
 
 
 def bench_file_to_file(model: CamModel, source: str, count: int, out_dir: Path) -> dict:
-    """Source file -> loop -> mp4, as `realtime-cam run --no-display --output` does it."""
+    """Source file -> loop -> mp4, as `realtime-cam run --no-display --output` does it.
+
+    From the file's first frame, as a user's run starts (no warm-up: the model is already warm from the
+    measurements before); a file shorter than ``count`` frames gives fewer.
+    """
     out = out_dir / "bench-output.mp4"
     with open_source(source) as src, VideoFileSink(out, src.fps, src.size_wh) as sink:
         result = run_loop(model, src, sinks=[sink], options=RunOptions(max_frames=count))
@@ -137,7 +140,8 @@ def bench_seed(model: CamModel, frames: list[np.ndarray], device: str, warmup: i
     """The seed approach: a PyTorch eager ResNet18 forward with a hook, numpy CAM, OpenCV overlay.
 
     Weights do not change speed, so it uses torchvision's resnet18 with random weights at the model's
-    input size. Returns None when torch/torchvision are not installed.
+    input size. Returns None when torch/torchvision are not installed. This is the only place the runtime
+    package imports torch, and only for this baseline.
     """
     try:
         import torch
@@ -171,10 +175,13 @@ def bench_seed(model: CamModel, frames: list[np.ndarray], device: str, warmup: i
     for f in frames[:warmup]:
         one(f)
     stamps = []
-    for f in frames:
+    for f in frames[warmup:]:
         one(f)
         stamps.append(time.perf_counter())
-    return {"fps": fps_of(stamps), "torch": torch.__version__, "device": dev, "threads": torch.get_num_threads()}
+    seed = {"fps": fps_of(stamps), "torch": torch.__version__, "device": dev, "threads": torch.get_num_threads()}
+    if dev == "cuda":
+        seed["gpu"] = torch.cuda.get_device_name(0)
+    return seed
 
 
 def environment() -> dict:
@@ -196,14 +203,11 @@ def environment() -> dict:
         "onnxruntime_providers": ort.get_available_providers(), "cpu": cpu, "cpu_count": os.cpu_count(),
         "opencv_threads": cv2.getNumThreads(), "platform": platform.platform(),
     }
-    try:
-        import torch
+    from importlib import metadata
 
-        env["torch"] = torch.__version__
-        env["torch_threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            env["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
+    try:  # the version only: importing torch here would start its thread pools before ONNX Runtime is timed
+        env["torch"] = metadata.version("torch")
+    except metadata.PackageNotFoundError:
         pass
     return env
 
@@ -216,13 +220,13 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict:
                     "environment": environment(), "results": [], "skipped": []}
     with tempfile.TemporaryDirectory(prefix="realtime-cam-bench-") as tmp:
         tmp_dir = Path(tmp)
-        source = config.source or str(synthetic_video(tmp_dir / "synthetic.mp4"))
+        source = config.source or str(synthetic_video(tmp_dir / "synthetic.mp4", config.frames + config.warmup))
         frames = load_frames(source, config.frames + config.warmup)
         with open_source(source) as src:
             report["config"]["source_size_wh"] = list(src.size_wh)
         reference: CamModel | None = None
         for device in config.devices:
-            seed_done = False
+            ran = None
             for index, path in enumerate(config.models):
                 try:
                     model = CamModel(path, device=device)
@@ -251,12 +255,13 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict:
                     result = fidelity(reference, model, frames[:: max(1, len(frames) // 100)])
                     row["fidelity_vs_first"] = {k: v for k, v in result.items() if k not in ("top1_agree", "map_r")}
                 report["results"].append(row)
-                if config.seed_baseline and not seed_done:
-                    log(f"[{device}] seed approach (PyTorch eager + numpy CAM + OpenCV overlay)")
-                    seed = bench_seed(model, frames, device, config.warmup)
-                    seed_done = True
-                    if seed is not None:
-                        report.setdefault("seed_baseline", {})[device] = seed
+                ran = model
+            # After this device's models: importing torch starts thread pools that would disturb ORT's timings.
+            if config.seed_baseline and ran is not None:
+                log(f"[{device}] seed approach (PyTorch eager + numpy CAM + OpenCV overlay)")
+                seed = bench_seed(ran, frames, device, config.warmup)
+                if seed is not None:
+                    report.setdefault("seed_baseline", {})[device] = seed
             reference = None
         for row in report["results"]:
             seed = report.get("seed_baseline", {}).get(row["device"])
@@ -321,6 +326,11 @@ def plot_report(report: dict, path: Path) -> None:
 
 
 def write_json(report: dict, path: Path) -> None:
+    """Write the report under a temporary name, then rename it."""
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CamError(f"cannot write {path}: {exc.strerror or exc}") from None

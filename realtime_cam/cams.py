@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-EPS = 1e-7
+EPS = 1e-6  # pytorch-grad-cam's constant (grad_cam_plusplus.py); it matters: here g is ~W/49
 
 
 def cam(features_chw: np.ndarray, weight_kc: np.ndarray, class_id: int) -> np.ndarray:

@@ -13,6 +13,16 @@ from typing import Sequence
 
 from . import __version__
 from .cams import METHODS
+from .cliutil import (
+    HelpFormatter,
+    add_debug_flag,
+    device_list,
+    fraction,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    smooth_weight,
+)
 from .errors import CamError
 from .evaluate import add_parser as add_evaluate_parser
 from .evaluate import cmd_evaluate
@@ -34,68 +44,9 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C so that every context manager cleans up."""
 
 
-# ----------------------------------------------------------------------------- argument types
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
-def _smooth_weight(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _device_list(text: str) -> tuple[str, ...]:
-    devices = tuple(d.strip() for d in text.split(",") if d.strip())
-    bad = [d for d in devices if d not in ("cpu", "cuda")]
-    if not devices or bad:
-        raise argparse.ArgumentTypeError(f"devices are cpu and/or cuda, comma-separated; got {text!r}")
-    return devices
-
-
 # ----------------------------------------------------------------------------- parser
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults, except empty ones (None, False), and keeps descriptions' line breaks."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False:
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    fmt = _HelpFormatter
+    fmt = HelpFormatter
     parser = argparse.ArgumentParser(
         prog="realtime-cam",
         description="Live Class Activation Maps: where a CNN looks when it classifies what a camera sees.",
@@ -116,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "when the export extra is installed)")
     run.add_argument("--source", default="0",
                      help="webcam index, video file, image file, or a URL OpenCV opens (rtsp://, http://)")
-    run.add_argument("--reconnect", type=_non_negative_int, default=3, metavar="N",
+    run.add_argument("--reconnect", type=non_negative_int, default=3, metavar="N",
                      help="live sources: reopen a camera or stream that stops, up to N times with backoff")
     run.add_argument("--device", choices=DEVICES, default="auto",
                      help="where the model runs; auto uses CUDA when its provider really starts")
@@ -124,24 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the overlay: a video (.mp4 .avi .mkv .mov .m4v) at the source's size and frame "
                           "rate, or an image (.png .jpg) for an image source")
     run.add_argument("--no-display", action="store_true", help="no window (headless; use with --output)")
-    run.add_argument("--max-frames", type=_positive_int, default=None, help="stop after N frames")
+    run.add_argument("--max-frames", type=positive_int, default=None, help="stop after N frames")
     run.add_argument("--class", dest="class_name", default=None, metavar="NAME|ID",
                      help="pin the explained class (a label, a unique prefix of one, or an id) instead of the top-1")
-    run.add_argument("--topk", type=_positive_int, default=3, help="how many classes to list (n/p step through them)")
+    run.add_argument("--topk", type=positive_int, default=3, help="how many classes to list (n/p step through them)")
     run.add_argument("--method", choices=list(METHODS), default="cam",
                      help="map method: " + "; ".join(f"{k}: {m.summary}" for k, m in METHODS.items()))
     run.add_argument("--box", action="store_true", help="draw the paper's localization box (b toggles it)")
-    run.add_argument("--box-threshold", type=_fraction, default=0.2,
+    run.add_argument("--box-threshold", type=fraction, default=0.2,
                      help="box rule: keep the map above this fraction of its max, take the largest component")
-    run.add_argument("--smooth", type=_smooth_weight, default=0.0, metavar="ALPHA",
+    run.add_argument("--smooth", type=smooth_weight, default=0.0, metavar="ALPHA",
                      help="temporal smoothing: shown = ALPHA * previous + (1 - ALPHA) * new, for the map and the "
                           "probabilities (0 = off); restarts when the explained class changes")
-    run.add_argument("--hysteresis", type=_positive_int, default=3, metavar="N",
+    run.add_argument("--hysteresis", type=positive_int, default=3, metavar="N",
                      help="the shown top-1 changes only after another class led N frames in a row (1 = off)")
     run.add_argument("--scale", choices=SCALES, default="frame",
                      help="map colours: per-frame min-max, or a slowly decaying running max (no 'breathing')")
     run.add_argument("--colormap", choices=sorted(COLORMAPS), default="jet", help="OpenCV colormap")
-    run.add_argument("--alpha", type=_fraction, default=0.5,
+    run.add_argument("--alpha", type=fraction, default=0.5,
                      help="heatmap weight in the blend: (1-alpha)*frame + alpha*heatmap (+/- change it live)")
     run.add_argument("--snapshot-dir", type=Path, default=Path("realtime-cam-snapshots"),
                      help="where s (snapshot: PNG + map .npy + JSON) and r (recording) write")
@@ -156,10 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"contract file; repeat to compare (default: {default_model_path()})")
     bench.add_argument("--source", default=None,
                        help="video file to take frames from (default: a synthetic 640x360 clip)")
-    bench.add_argument("--device", type=_device_list, default=("cpu", "cuda"),
+    bench.add_argument("--device", type=device_list, default="cpu,cuda",
                        help="comma-separated devices; one that cannot run is reported as skipped")
-    bench.add_argument("--frames", type=_positive_int, default=300, help="frames per measurement")
-    bench.add_argument("--warmup", type=_positive_int, default=20, help="untimed frames before each measurement")
+    bench.add_argument("--frames", type=positive_int, default=300, help="frames per measurement")
+    bench.add_argument("--warmup", type=positive_int, default=20, help="untimed frames before each measurement")
     bench.add_argument("--json", type=Path, default=None, help="write the full report as JSON")
     bench.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG)")
     bench.add_argument("--no-seed", action="store_true", help="skip the PyTorch seed-approach baseline")
@@ -179,16 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", type=Path, default=None,
                         help="where to write (default: the cache file `run` looks for, "
                              f"{default_model_path()}; for --from-onnx, the classifier's name there)")
-    export.add_argument("--opset", type=int, default=18, help="ONNX opset for the torchvision export")
+    export.add_argument("--opset", type=int, choices=range(13, 22), default=18, metavar="N",
+                        help="ONNX opset for the torchvision export (13..21)")
     export.add_argument("--labels", default=None, help="class names, one per line (default: ImageNet-1k "
                                                        "for 1000 classes, else numbered)")
     export.add_argument("--from-onnx", type=Path, default=None, metavar="CLASSIFIER.onnx",
                         help="rewrite this ONNX classifier (GAP + linear head, float or quantized) instead")
-    export.add_argument("--input-size", type=_positive_int, nargs=2, metavar=("H", "W"), default=None,
+    export.add_argument("--input-size", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
                         help="--from-onnx: input size when the model's is not fixed")
     export.add_argument("--mean", type=float, nargs=3, default=None,
                         help="--from-onnx: per-channel mean on the 0..1 scale (default ImageNet's)")
-    export.add_argument("--std", type=_positive_float, nargs=3, default=None,
+    export.add_argument("--std", type=positive_float, nargs=3, default=None,
                         help="--from-onnx: per-channel std on the 0..1 scale (default ImageNet's)")
     export.add_argument("--bgr", action="store_true", help="--from-onnx: the model takes BGR channel order")
     precision = export.add_mutually_exclusive_group()
@@ -201,12 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--calibrate", action="append", default=None, metavar="SOURCE",
                         help="--int8: video files, image files or folders whose frames calibrate the activation "
                              "ranges (repeatable); use frames like the ones you will run on")
-    export.add_argument("--calibration-frames", type=_positive_int, default=200, help="--int8: at most this many")
+    export.add_argument("--calibration-frames", type=positive_int, default=200, help="--int8: at most this many")
     export.add_argument("--calibration", choices=sorted(CALIBRATIONS), default=DEFAULT_CALIBRATION,
                         help="--int8: how activation ranges are chosen")
     export.add_argument("--check", action="append", default=None, metavar="SOURCE",
                         help="--int8/--fp16: frames NOT used for calibration on which to report top-1 agreement "
                              "and map correlation with the fp32 model (repeatable)")
+    for subparser in sub.choices.values():
+        add_debug_flag(subparser)
     return parser
 
 

@@ -48,6 +48,7 @@ import cv2
 import numpy as np
 
 from .cams import METHODS
+from .cliutil import HelpFormatter, fraction, non_negative_float, positive_int
 from .errors import CamError, SinkError
 from .localize import Box, cam_box, iou, upsample
 from .progress import Progress
@@ -871,43 +872,13 @@ def format_table(report: EvalReport) -> str:
 
 
 # ----------------------------------------------------------------------------- command line
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``evaluate`` subcommand to a subparsers object; returns its parser."""
     from .model import DEVICES
     from .paths import default_model_path
 
     parser = subparsers.add_parser(
-        "evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "evaluate", formatter_class=HelpFormatter,
         help="classification and localization accuracy of the maps on images with ground-truth boxes",
         description=(
             "Score the maps against ground-truth boxes: top-1/top-k accuracy, GT-known, top-1 and top-k "
@@ -928,23 +899,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "checked), or a folder of PASCAL VOC / ImageNet XML files (1-based, <name> a class "
                              "id or one of the model's labels)")
     parser.add_argument("--method", choices=sorted(METHODS), default="cam", help="map method")
-    parser.add_argument("--box-threshold", type=_fraction, default=0.2, metavar="T",
+    parser.add_argument("--box-threshold", type=fraction, default=0.2, metavar="T",
                         help="the paper's box rule: keep pixels >= T times the maximum of the min-max normalised "
                              "map (i.e. T of the way from its minimum to its maximum), box of the largest "
                              "connected component; 0.2 is the paper's 20%%. MaxBoxAcc ignores it: it sweeps "
                              "0.00..0.99")
-    parser.add_argument("--topk", type=_positive_int, default=5, metavar="K",
+    parser.add_argument("--topk", type=positive_int, default=5, metavar="K",
                         help="k of the top-k accuracy and localization (JSON keys top{K}, top{K}_loc)")
     parser.add_argument("--crop", choices=CROPS, default="none",
                         help="none: resize the whole image to the input; center: ImageNet resize + centre crop")
-    parser.add_argument("--pointing-tolerance", type=_non_negative, default=0.0, metavar="PX",
+    parser.add_argument("--pointing-tolerance", type=non_negative_float, default=0.0, metavar="PX",
                         help="pointing game: a peak within PX pixels of a box also hits (15 is common)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT",
                         help="write the metrics, the settings and per-image rows as JSON")
     parser.add_argument("--save-dir", type=Path, default=None, metavar="DIR",
                         help="write one overlay per image: the map, ground truth (green), the box (red)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where the model runs")
-    parser.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--max-images", type=positive_int, default=None, metavar="N",
                         help="evaluate only the first N annotated images")
     return parser
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import copy
+import logging
 import queue
 import threading
 import time
@@ -15,6 +17,7 @@ import cv2
 import numpy as np
 
 from .cams import METHODS, compute_map, softmax, top_k_ids
+from .errors import SinkError
 from .localize import cam_box
 from .model import CamModel, Prediction
 from .overlay import OverlayStyle, render
@@ -26,6 +29,7 @@ from .threads import lower_this_threads_priority
 from .view import KEY_HELP, QUIT, RECORD, SNAPSHOT, ViewState, handle_key
 
 STAGES = ("wait", "preprocess", "inference", "cam", "overlay", "output")
+log = logging.getLogger("realtime_cam")
 
 
 @dataclass(frozen=True)
@@ -278,12 +282,16 @@ class _Recorder:
         self.video: VideoFileSink | None = None
 
     def _stem(self, kind: str, index: int) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SinkError(f"cannot use --snapshot-dir {self.folder}: {exc.strerror or exc}") from None
         return self.folder / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{index:06d}"
 
     def snapshot(self, overlay: np.ndarray, frame: Frame, prediction: Prediction, box) -> Path:
         stem = self._stem("snapshot", frame.index)
-        cv2.imwrite(str(stem.with_suffix(".png")), overlay)
+        if not cv2.imwrite(str(stem.with_suffix(".png")), overlay):
+            raise SinkError(f"cannot write a snapshot into {self.folder}")
         np.save(stem.with_suffix(".npy"), prediction.cam)
         meta = {"frame": frame.index, "class_id": prediction.class_id, "label": prediction.label,
                 "probability": prediction.probability, "pinned": prediction.pinned, "method": prediction.method,
@@ -358,8 +366,10 @@ def _run_headless(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
     times = StageTimes()
     rate = _Rate()
     stopped_by = "end"
-    prefetch = _Prefetcher(frames, model.prepare_copy, times)
-    worker = _RenderWorker(model, sinks, options, times)
+    # A live source keeps only its newest frame; reading ahead of inference would bring the lag back.
+    depth = 1 if getattr(frames, "live", False) else 4
+    prefetch = _Prefetcher(frames, model.prepare_copy, times, queue_size=depth)
+    worker = _RenderWorker(model, sinks, options, times, queue_size=depth)
     t_prev = time.perf_counter()
     try:
         for frame, batch in prefetch:
@@ -376,9 +386,18 @@ def _run_headless(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
             if options.max_frames is not None and rate.done >= options.max_frames:
                 stopped_by = "max-frames"
                 break
-    finally:
+    except BaseException as exc:
+        # Ctrl-C or an error: still write every frame handed over before the sinks close, and let the
+        # first problem be the one reported (a second one from the render thread is only logged).
         prefetch.close()
-        worker.finish()  # on Ctrl-C too: every frame handed over is written before the sinks close
+        try:
+            worker.finish()
+        except Exception as later:
+            if later is not exc:
+                log.warning("while stopping: %s", later)
+        raise
+    prefetch.close()
+    worker.finish()
     if rate.done > 1:
         rate.last_at = time.perf_counter()  # the run ends when the last overlay is written
     if progress is not None:
@@ -443,8 +462,8 @@ def _run_windowed(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
                     recorder.toggle(frame)
                 if new_view != view:
                     view = new_view
-                    if view.paused:  # show the change on the held frame
-                        prediction = explain_frame(model, logits[0], features[0], view, temporal)
+                    if view.paused:  # show the change on the held frame, without counting it as a new frame
+                        prediction = explain_frame(model, logits[0], features[0], view, copy.deepcopy(temporal))
                         overlay = draw(frame, prediction, view, options, hud + ["paused"])
                         window.write(overlay)
                 if window.closed:
@@ -472,7 +491,7 @@ def hold_window(window: WindowSink) -> str:
     """Keep a still image on screen until q/Esc or the window is closed."""
     while True:
         key = window.wait_key(50)
-        if key in (ord("q"), ord("Q"), 27):
+        if handle_key(ViewState(), key, None)[1] == QUIT:
             return "quit"
         if window.closed:
             return "window-closed"

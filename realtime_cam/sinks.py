@@ -8,6 +8,7 @@ renamed when closed, so a hard crash never leaves a file that looks complete but
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import queue
 import threading
@@ -23,7 +24,6 @@ from .threads import lower_this_threads_priority
 # Container -> codec OpenCV's bundled FFmpeg writes without extra libraries.
 VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-KEY_ESC = 27
 
 
 class Sink:
@@ -32,8 +32,14 @@ class Sink:
     def __enter__(self) -> "Sink":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            self.close()
+        except SinkError as error:
+            if exc is None:
+                raise
+            # Something else is already propagating (Ctrl-C, an error): report that one, log this one.
+            logging.getLogger("realtime_cam").warning("while closing: %s", error)
 
     def write(self, image_bgr: np.ndarray) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -126,11 +132,11 @@ class VideoFileSink(Sink):
         """Flush, finalise the container, and give the file its real name."""
         if self._closed:
             return
-        self._closed = True
         self._queue.put(None)
         self._thread.join()
         self._writer.release()
-        if self.frames_written:
+        self._closed = True
+        if self.frames_written and self._tmp.exists():
             os.replace(self._tmp, self.path)
         else:
             self._tmp.unlink(missing_ok=True)

@@ -88,9 +88,12 @@ class FrameBuffer:
             self._cond.notify_all()
 
     def get(self) -> Frame | None:
+        """The next frame; None at the end of the stream or once the buffer is closed."""
         with self._cond:
-            while not self._items and not self._ended:
+            while not self._items and not self._ended and not self._closed:
                 self._cond.wait()
+            if self._closed:
+                return None
             if self._items:
                 frame = self._items.popleft()
                 self._cond.notify_all()
@@ -172,7 +175,10 @@ class CaptureSource(FrameSource):
         self._describe = describe
         self._reconnect = reconnect
         self._backoff_s = backoff_s
-        self._cap = cv2.VideoCapture(target)
+        try:
+            self._cap = cv2.VideoCapture(target)
+        except (cv2.error, OverflowError, SystemError):
+            raise SourceError(f"cannot open {describe}") from None
         if not self._cap.isOpened():
             self._cap.release()
             raise SourceError(f"cannot open {describe}")
@@ -219,6 +225,9 @@ class CaptureSource(FrameSource):
         except BaseException as exc:  # surfaces in the main thread through the buffer
             error = exc
         finally:
+            # Once started, this thread owns the capture: it alone may release it, after its last read
+            # (a stalled network read can outlast close()'s wait).
+            self._cap.release()
             self._buffer.finish(error)
 
     def _reopen(self) -> np.ndarray | None:
@@ -233,6 +242,8 @@ class CaptureSource(FrameSource):
             delay *= 2
             self._cap.release()
             self._cap = cv2.VideoCapture(self._target)
+            if self._stop.is_set():
+                return None  # closed while reconnecting: the finally of the read loop releases the capture
             if self._cap.isOpened():
                 ok, image = self._cap.read()
                 if ok and image is not None:
@@ -261,9 +272,12 @@ class CaptureSource(FrameSource):
     def close(self) -> None:
         self._stop.set()
         self._buffer.close()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-        self._cap.release()
+        if self._thread is None:
+            self._cap.release()  # never started: the capture is still ours to release
+            return
+        self._thread.join(timeout=5.0)
+        if self._thread.is_alive():
+            log.warning("%s: still blocked in a read; it is released when that read returns", self._describe)
 
 
 def _is_webcam(spec: str) -> bool:

@@ -87,7 +87,7 @@ def test_gradcam_pp_matches_its_published_formula_written_out():
     for k in range(k_):
         if g[k] == 0:
             continue
-        a = g[k] ** 2 / (2 * g[k] ** 2 + features[k].sum() * g[k] ** 3 + 1e-7)
+        a = g[k] ** 2 / (2 * g[k] ** 2 + features[k].sum() * g[k] ** 3 + 1e-6)
         alpha_w[k] = (a * max(g[k], 0)) * h * w
     expected = np.maximum(np.tensordot(alpha_w, features, axes=1), 0)
     np.testing.assert_allclose(compute_map("gradcam++", features.astype(np.float32), weight.astype(np.float32), c),

@@ -10,7 +10,7 @@ from conftest import needs_shared, shared
 from realtime_cam import CamModel
 from realtime_cam.cams import METHODS, cam
 from realtime_cam.pipeline import RunOptions, explain_frame, run_loop
-from realtime_cam.sinks import Sink
+from live_helpers import ScriptedWindow
 from realtime_cam.sources import Frame, open_source
 from realtime_cam.temporal import TemporalFilter, TemporalOptions
 from realtime_cam.view import QUIT, RECORD, SNAPSHOT, ViewState, handle_key
@@ -85,28 +85,6 @@ def test_running_scale_stops_the_colours_breathing():
 
 
 # ----------------------------------------------------------------------------- the loop with keys
-class ScriptedWindow(Sink):
-    """Stands in for the OpenCV window: records what is shown and 'presses' scripted keys."""
-
-    def __init__(self, keys_by_frame, wait_keys=()):
-        self.keys_by_frame = dict(keys_by_frame)
-        self.wait_keys = list(wait_keys)
-        self.shown = []
-        self.last_key = -1
-        self.closed_after = None
-
-    def write(self, image):
-        self.shown.append(image)
-        self.last_key = self.keys_by_frame.get(len(self.shown) - 1, -1)
-
-    def wait_key(self, delay_ms):
-        return self.wait_keys.pop(0) if self.wait_keys else 27
-
-    @property
-    def closed(self):
-        return self.closed_after is not None and len(self.shown) > self.closed_after
-
-
 @pytest.fixture(scope="module")
 def mnv2(mnv2_int8_onnx):
     return CamModel(mnv2_int8_onnx, device="cpu")

@@ -21,7 +21,7 @@ from mjpeg_server import MjpegServer
 from realtime_cam import CamModel
 from realtime_cam.cli import main
 from realtime_cam.errors import ModelError, SinkError, SourceError
-from realtime_cam.pipeline import run_loop
+from realtime_cam.pipeline import RunOptions, run_loop
 from realtime_cam.sinks import Sink, VideoFileSink
 from realtime_cam.sources import open_source
 
@@ -260,3 +260,46 @@ def test_a_crash_leaves_no_file_that_looks_complete(tmp_path):
             f"s = VideoFileSink({str(out)!r}, 25, (64, 48)); s.write(np.zeros((48, 64, 3), np.uint8)); os._exit(9)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9
     assert not out.exists()
+
+
+def test_closing_the_buffer_releases_a_waiting_consumer():
+    from realtime_cam.sources import FrameBuffer
+
+    buf = FrameBuffer("latest")
+    got = []
+    t = threading.Thread(target=lambda: got.append(buf.get()))
+    t.start()
+    time.sleep(0.05)
+    buf.close()
+    t.join(timeout=2)
+    assert not t.is_alive() and got == [None]
+
+
+def test_a_webcam_index_too_large_for_opencv_is_one_line(capsys, resnet18_onnx):
+    line = one_line_error(capsys, 2, ["run", "--model", str(resnet18_onnx), "--source", "99999999999",
+                                      "--no-display"])
+    assert "cannot open webcam 99999999999" in line
+
+
+@needs_shared
+def test_a_snapshot_folder_that_cannot_be_made_is_one_error(mnv2_int8_onnx, tmp_path):
+    from live_helpers import ScriptedWindow
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    model = CamModel(mnv2_int8_onnx, device="cpu")
+    with open_source(str(shared("images", "skimage_chelsea.png"))) as src:
+        with pytest.raises(SinkError, match="cannot use --snapshot-dir"):
+            run_loop(model, src, window=ScriptedWindow({0: ord("s")}),
+                     options=RunOptions(snapshot_dir=blocker / "snaps"))
+
+
+def test_debug_on_a_subcommand_shows_the_traceback(resnet18_onnx):
+    with pytest.raises(SourceError):
+        main(["run", "--debug", "--model", str(resnet18_onnx), "--source", "/no/such.mp4", "--no-display"])
+
+
+def test_opset_out_of_range_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--opset", "99", "--weights", "none"])
+    assert exc.value.code == 2
