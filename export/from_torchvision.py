@@ -281,11 +281,15 @@ def export_torchvision(
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            wrapper, (x,), dynamo=True, input_names=["input"], output_names=["logits", "features"],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), opset_version=opset,
-            external_data=False, verbose=False, report=False,
-        )
+        try:
+            program = torch.onnx.export(
+                wrapper, (x,), dynamo=True, input_names=["input"], output_names=["logits", "features"],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), opset_version=opset,
+                external_data=False, verbose=False, report=False,
+            )
+        except Exception as exc:  # the exporter's own errors are long; the first line says what failed
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"torch.onnx.export failed for {arch} at opset {opset}: {first}") from None
     proto = program.model_proto
     write_contract(
         proto, info,

@@ -165,14 +165,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- commands
+def _torchvision_exporter():
+    """The torchvision exporter, or a one-line error when torch/torchvision are missing or broken."""
+    try:
+        from .export.from_torchvision import export_torchvision
+    except ImportError as exc:
+        raise CamError(f"exporting a torchvision model needs the export extra ({exc.name or exc} is missing): "
+                       "pip install 'realtime-cam[export]'") from None
+    except Exception as exc:  # e.g. a torchvision built for another torch: "operator torchvision::nms ..."
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CamError(f"torch/torchvision do not import together ({first}); reinstall the export extra: "
+                       "pip install --force-reinstall 'realtime-cam[export]'") from None
+    return export_torchvision
+
+
 def _export_missing_default(path: Path) -> None:
     """``run`` without --model and no cached model: export it when the export extra is installed."""
     try:
-        from .export.from_torchvision import export_torchvision
-    except ImportError:
+        export_torchvision = _torchvision_exporter()
+    except CamError as exc:
         raise CamError(
             f"no model at {path}: install the export extra and export one "
-            "(pip install 'realtime-cam[export]' && realtime-cam export), or pass --model FILE"
+            f"(pip install 'realtime-cam[export]' && realtime-cam export), or pass --model FILE ({exc})"
         ) from None
     log.info("no model at %s yet: exporting torchvision resnet18 (once)", path)
     export_torchvision("resnet18", "DEFAULT", path, log=log.info)
@@ -274,13 +288,7 @@ def _export_fp32(args: argparse.Namespace, output: Path) -> None:
             mean=args.mean, std=args.std, bgr=args.bgr, log=log.info,
         )
     else:
-        try:
-            from .export.from_torchvision import export_torchvision
-        except ImportError as exc:
-            raise CamError(
-                f"exporting a torchvision model needs the export extra ({exc.name} is missing): "
-                "pip install 'realtime-cam[export]'"
-            ) from None
+        export_torchvision = _torchvision_exporter()
         export_torchvision(args.arch, args.weights, output, opset=args.opset, labels_path=args.labels,
                            log=log.info)
 
