@@ -9,7 +9,6 @@ FPS over N frames is (N - 1) / (t_last - t_first), after a warm-up.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import tempfile
@@ -325,12 +324,3 @@ def plot_report(report: dict, path: Path) -> None:
         raise CamError(f"cannot write the chart {path}")
 
 
-def write_json(report: dict, path: Path) -> None:
-    """Write the report under a temporary name, then rename it."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CamError(f"cannot write {path}: {exc.strerror or exc}") from None

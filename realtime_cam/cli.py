@@ -294,8 +294,8 @@ def _export_fp32(args: argparse.Namespace, output: Path) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, format_table, plot_report, run_bench, write_json
-    from .sinks import check_output_path
+    from .bench import BenchConfig, format_table, plot_report, run_bench
+    from .sinks import check_output_path, write_json
 
     for path, kinds in ((args.json, {".json"}), (args.plot, {".png"})):
         if path is not None:

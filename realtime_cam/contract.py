@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Sequence
-
 import numpy as np
 import onnx
 from onnx import numpy_helper

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import math
 import os
@@ -52,6 +51,7 @@ from .cliutil import HelpFormatter, fraction, non_negative_float, positive_int
 from .errors import CamError, SinkError
 from .localize import Box, cam_box, iou, upsample
 from .progress import Progress
+from .sinks import write_json
 
 log = logging.getLogger("realtime_cam")
 
@@ -829,17 +829,6 @@ def report_dict(report: EvalReport) -> dict:
         })
     doc["per_image"] = rows
     return doc
-
-
-def write_json(doc: dict, path: Path) -> None:
-    """Write atomically: a partial file never takes the real name."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise SinkError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def format_table(report: EvalReport) -> str:

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from .cams import METHODS, compute_map, normalize_map, softmax, top_k_ids
-from .contract import FEATURES, LOGITS, ModelInfo, read_contract
+from .contract import FEATURES, LOGITS, read_contract
 from .errors import CamError, DeviceError, ModelError
 from .preprocess import Preprocessor, as_bgr
 

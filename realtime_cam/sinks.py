@@ -75,6 +75,20 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.stem}.partial{path.suffix}")
 
 
+def write_json(doc: object, path: str | os.PathLike) -> None:
+    """Write JSON under a temporary name, then rename it: a partial file never takes the real name."""
+    import json
+
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SinkError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 class VideoFileSink(Sink):
     """Writes frames to a video file from a background thread (encoding overlaps inference).
 

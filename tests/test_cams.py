@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from realtime_cam.cams import METHODS, cam, compute_map, eigencam, gradcam, gradcam_pp, normalize_map, softmax
+from realtime_cam.cams import METHODS, cam, compute_map, eigencam, normalize_map, softmax
 
 
 def reference_cam(features, weight, class_id):

@@ -6,10 +6,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 
 from conftest import needs_shared, shared

@@ -15,7 +15,6 @@ import pytest
 from realtime_cam.cams import METHODS
 from realtime_cam.errors import CamError
 from realtime_cam.evaluate import (
-    GroundTruth,
     ImageResult,
     add_parser,
     apply_crop,

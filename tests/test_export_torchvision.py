@@ -7,7 +7,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import needs_shared, shared
 from realtime_cam.cli import main
 from realtime_cam.contract import read_contract
 

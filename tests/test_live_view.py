@@ -11,7 +11,7 @@ from realtime_cam import CamModel
 from realtime_cam.cams import METHODS, cam
 from realtime_cam.pipeline import RunOptions, explain_frame, run_loop
 from live_helpers import ScriptedWindow
-from realtime_cam.sources import Frame, open_source
+from realtime_cam.sources import open_source
 from realtime_cam.temporal import TemporalFilter, TemporalOptions
 from realtime_cam.view import QUIT, RECORD, SNAPSHOT, ViewState, handle_key
 

@@ -94,8 +94,6 @@ def test_real_pretrained_classifier_through_the_runtime(mnv2_int8_onnx):
 
 @needs_shared
 def test_bottle_video_map_follows_the_bottles(mnv2_int8_onnx):
-    import cv2
-
     from realtime_cam.localize import upsample
     from realtime_cam.sources import open_source
 

@@ -7,7 +7,6 @@ import sys
 import time
 
 import cv2
-import numpy as np
 import pytest
 
 from conftest import needs_shared, shared
