@@ -15,6 +15,7 @@ from .cams import METHODS, compute_map, normalize_map, softmax, top_k_ids
 from .contract import FEATURES, LOGITS, read_contract
 from .errors import CamError, DeviceError, ModelError
 from .preprocess import Preprocessor, as_bgr
+from .temporal import TemporalFilter
 
 log = logging.getLogger("realtime_cam")
 
@@ -210,25 +211,47 @@ class CamModel:
         class_id: int | None = None,
         method: str = "cam",
         topk: int = 5,
+        rank: int = 0,
+        temporal: TemporalFilter | None = None,
     ) -> Prediction:
-        """Turn one frame's network outputs into a Prediction with its normalised map."""
+        """Turn one frame's network outputs into a Prediction with its [0, 1] map.
+
+        Args:
+            class_id: explain this class (pinned) instead of the ranking's choice.
+            rank: which of the top-k to explain when no class is given (0: the top-1).
+            temporal: a video's filter: smooths probabilities and maps over frames and holds the shown
+                top-1 (hysteresis); None treats the frame on its own.
+        """
         if method not in METHODS:
             raise CamError(f"unknown map method {method!r}; choose from {', '.join(METHODS)}")
         probabilities = softmax(logits)
-        top = top_k_ids(probabilities, topk)
-        if class_id is None:
-            class_id = int(top[0])
+        if temporal is not None:
+            probabilities = temporal.probabilities(probabilities)
+        ranking = [int(i) for i in top_k_ids(probabilities, topk)]
+        if temporal is not None:
+            leader = temporal.leader(probabilities)
+            if ranking[0] != leader:  # hysteresis keeps the shown top-1 until a challenger has led long enough
+                ranking = [leader, *[i for i in ranking if i != leader]][: len(ranking)]
+        pinned = class_id is not None
+        if pinned:
+            class_id = int(class_id)
+            self._check_class(class_id)
         else:
-            self._check_class(int(class_id))
-        raw = compute_map(method, features_chw, self.head_weight, int(class_id))
+            class_id = ranking[min(max(0, rank), len(ranking) - 1)]
+        raw = compute_map(method, features_chw, self.head_weight, class_id)
+        if temporal is None:
+            shown = normalize_map(raw)
+        else:
+            shown = temporal.map(raw, (class_id if METHODS[method].class_specific else None, method))
         return Prediction(
-            class_id=int(class_id),
+            class_id=class_id,
             label=self.labels[class_id],
             probability=float(probabilities[class_id]),
-            topk=tuple((int(i), self.labels[i], float(probabilities[i])) for i in top),
-            cam=normalize_map(raw),
+            topk=tuple((i, self.labels[i], float(probabilities[i])) for i in ranking),
+            cam=shown,
             method=method,
             probabilities=probabilities,
+            pinned=pinned,
         )
 
     def predict(

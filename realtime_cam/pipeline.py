@@ -16,7 +16,6 @@ from typing import Callable, Iterable, Iterator, Sequence
 import cv2
 import numpy as np
 
-from .cams import METHODS, compute_map, softmax, top_k_ids
 from .errors import SinkError
 from .localize import cam_box
 from .model import CamModel, Prediction
@@ -108,21 +107,8 @@ def explain_frame(
     model: CamModel, logits: np.ndarray, features_chw: np.ndarray, view: ViewState, temporal: TemporalFilter
 ) -> Prediction:
     """One frame's prediction as the view asks for it, stabilised over time by ``temporal``."""
-    probs = temporal.probabilities(softmax(logits))
-    leader = temporal.leader(probs)
-    ranking = [int(i) for i in top_k_ids(probs, view.topk)]
-    if ranking[0] != leader:  # hysteresis keeps the shown top-1 until a challenger has led long enough
-        ranking = [leader, *[i for i in ranking if i != leader]][: len(ranking)]
-    pinned = view.pinned_class is not None
-    class_id = view.pinned_class if pinned else ranking[min(view.rank, len(ranking) - 1)]
-    spec = METHODS[view.method]
-    raw = compute_map(view.method, features_chw, model.head_weight, class_id)
-    shown = temporal.map(raw, (class_id if spec.class_specific else None, view.method))
-    return Prediction(
-        class_id=class_id, label=model.labels[class_id], probability=float(probs[class_id]),
-        topk=tuple((i, model.labels[i], float(probs[i])) for i in ranking), cam=shown, method=view.method,
-        probabilities=probs, pinned=pinned,
-    )
+    return model.explain(logits, features_chw, class_id=view.pinned_class, method=view.method, topk=view.topk,
+                         rank=view.rank, temporal=temporal)
 
 
 def draw(frame: Frame, prediction: Prediction, view: ViewState, options: RunOptions, hud: Sequence[str]) -> np.ndarray:
