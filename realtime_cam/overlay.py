@@ -54,11 +54,12 @@ def text_scale(frame_hw: tuple[int, int]) -> tuple[float, int]:
 
 
 def draw_text_lines(image: np.ndarray, lines: Sequence[str], origin_xy: tuple[int, int] = (0, 0),
-                    anchor: str = "top") -> None:
+                    anchor: str = "top", right_aligned: bool = False) -> None:
     """Draw white lines of text on a dark box, in place.
 
     Args:
-        origin_xy: the box's top-left corner (anchor "top") or bottom-left corner (anchor "bottom").
+        origin_xy: the box's top-left corner (anchor "top") or bottom-left corner (anchor "bottom"); with
+            ``right_aligned``, x is the box's right edge instead.
 
     The font shrinks when the longest line would not fit the frame's width.
     """
@@ -75,6 +76,8 @@ def draw_text_lines(image: np.ndarray, lines: Sequence[str], origin_xy: tuple[in
     step = line_h + baseline + pad
     widest = max(cv2.getTextSize(line, FONT, scale, thickness)[0][0] for line in lines)
     x0, y0 = origin_xy
+    if right_aligned:
+        x0 = max(0, x0 - (widest + 2 * pad))
     if anchor == "bottom":
         y0 = max(0, y0 - (step * len(lines) + pad))
     x1 = min(w, x0 + widest + 2 * pad)
@@ -110,8 +113,9 @@ def draw_box(image: np.ndarray, box_xyxy: tuple[float, float, float, float], lab
     x1, y1 = max(x0, x1 - 1), max(y0, y1 - 1)  # exclusive edges -> last pixel inside
     cv2.rectangle(image, (x0, y0), (x1, y1), (0, 0, 0), thickness + 2, cv2.LINE_AA)
     cv2.rectangle(image, (x0, y0), (x1, y1), (255, 255, 255), thickness, cv2.LINE_AA)
-    (_, th), base = cv2.getTextSize(label, FONT, scale, thickness)
-    draw_text_lines(image, [label], (min(max(0, x0), w - 1), min(max(0, y0), h - 1) + th + base), anchor="bottom")
+    # The label sits inside the box's bottom-left corner: the top-left of the frame holds the class list.
+    draw_text_lines(image, [label], (min(max(0, x0 + thickness), w - 1), min(max(1, y1 - thickness), h)),
+                    anchor="bottom")
 
 
 def render(
@@ -123,14 +127,14 @@ def render(
     help_lines: Sequence[str] = (),
 ) -> np.ndarray:
     """The map over the whole frame, colour-mapped and blended, with the labels, an optional box,
-    HUD lines (bottom-left) and help (top-right)."""
+    HUD lines (bottom-right) and help (top, from the middle)."""
     h, w = frame_bgr.shape[:2]
     out = blend(frame_bgr, colorize(prediction.cam, (w, h), style.colormap), style.alpha)
     if box_xyxy is not None:
         draw_box(out, box_xyxy, prediction.label)
     draw_text_lines(out, prediction_lines(prediction))
-    if extra_lines:
-        draw_text_lines(out, list(extra_lines), (0, h), anchor="bottom")
+    if extra_lines:  # bottom-right: the box label uses the bottom-left of its box
+        draw_text_lines(out, list(extra_lines), (w, h), anchor="bottom", right_aligned=True)
     if help_lines:
         draw_text_lines(out, list(help_lines), (w // 2, 0))
     return out
