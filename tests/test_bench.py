@@ -1,0 +1,58 @@
+"""`realtime-cam bench` runs, and its JSON holds what a reader needs (the speed itself is not asserted)."""
+
+import json
+import subprocess
+import sys
+
+import cv2
+import pytest
+
+from conftest import needs_shared, shared
+from realtime_cam.cli import main
+
+
+@needs_shared
+def test_bench_writes_a_complete_report_and_a_chart(mnv2_int8_onnx, tmp_path, capsys):
+    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    assert main(["bench", "--model", str(mnv2_int8_onnx), "--model", str(mnv2_int8_onnx),
+                 "--source", str(shared("videos", "bottle-detection.mp4")), "--device", "cpu,cuda",
+                 "--frames", "30", "--warmup", "5", "--json", str(out_json), "--plot", str(out_png)]) == 0
+    report = json.loads(out_json.read_text())
+    env = report["environment"]
+    for key in ("realtime_cam", "python", "numpy", "opencv", "onnxruntime", "onnxruntime_providers", "cpu",
+                "cpu_count", "opencv_threads"):
+        assert key in env, key
+    assert report["config"]["frames"] == 30 and report["config"]["source_size_wh"] == [640, 360]
+    rows = [r for r in report["results"] if r["device"] == "cpu"]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["provider"] == "CPUExecutionProvider"
+        for part in ("inference", "pipeline", "file_to_file"):
+            assert row[part]["fps"] > 0
+        assert {"median_ms", "p95_ms"} <= set(row["inference"])
+        stages = {**row["pipeline"]["stages"], **row["file_to_file"]["stages"]}
+        for stage in ("preprocess", "inference", "cam", "overlay", "decode", "encode"):
+            assert {"median_ms", "p95_ms"} <= set(stages[stage]), stage
+        assert row["file_to_file"]["frames"] == 30
+        assert 0 < row["ratios"]["file_to_file_vs_inference"]
+    # the same model twice: fidelity must be perfect
+    fid = rows[1]["fidelity_vs_first"]
+    assert fid["top1_agreement_pct"] == 100.0 and fid["map_r_median"] == pytest.approx(1.0)
+    if not any(r["device"] == "cuda" for r in report["results"]):
+        assert any(s["device"] == "cuda" for s in report["skipped"])
+    pytest.importorskip("torchvision")
+    seed = report["seed_baseline"]["cpu"]
+    assert seed["fps"] > 0 and "pipeline_vs_seed" in rows[0]["ratios"]
+    assert cv2.imread(str(out_png)) is not None
+    table = capsys.readouterr().out
+    assert "infer FPS" in table and "seed (torch eager)" in table
+
+
+@needs_shared
+def test_bench_without_the_seed_baseline_never_imports_torch(mnv2_int8_onnx, tmp_path):
+    code = ("import sys; from realtime_cam.cli import main; "
+            f"assert main(['bench', '--model', {str(mnv2_int8_onnx)!r}, '--device', 'cpu', '--frames', '10', "
+            "'--warmup', '2', '--no-seed']) == 0; "
+            "assert 'torch' not in sys.modules, 'bench imported torch'; print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
