@@ -37,6 +37,7 @@ import csv
 import logging
 import math
 import os
+import re
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -198,8 +199,34 @@ def read_boxes_csv(path: Path, num_classes: int | None = None) -> list[GroundTru
     return result
 
 
-def _class_from_name(name: str, labels: Sequence[str], where: str) -> int:
+WNID_RE = re.compile(r"^n\d{8}$")
+
+
+def load_wnids(path: str | os.PathLike) -> dict[str, int]:
+    """WordNet ids in class order, one per line, first word of the line (ImageNet's LOC_synset_mapping.txt)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise CamError(f"cannot read --wnids {path}: {exc.strerror or exc}") from None
+    wnids = [line.split()[0] for line in lines if line.strip()]
+    bad = [w for w in wnids if not WNID_RE.match(w)]
+    if bad or not wnids:
+        raise CamError(f"--wnids {path}: expected one WordNet id (like n01440764) per line, found {bad[:1] or 'none'}")
+    return {w: i for i, w in enumerate(wnids)}
+
+
+def _class_from_name(name: str, labels: Sequence[str], where: str, wnids: dict[str, int] | None = None) -> int:
     text = name.strip()
+    if WNID_RE.match(text):
+        if wnids is None:
+            raise CamError(f"{where}: object name {text!r} is a WordNet id: pass --wnids FILE (ImageNet's "
+                           "LOC_synset_mapping.txt: one id per line, in class order)")
+        if text not in wnids:
+            raise CamError(f"{where}: WordNet id {text!r} is not in --wnids")
+        class_id = wnids[text]
+        if class_id >= len(labels):
+            raise CamError(f"{where}: class id {class_id} is out of range for a model with {len(labels)} classes")
+        return class_id
     if text.isdigit():
         class_id = int(text)
         if class_id >= len(labels):
@@ -212,10 +239,12 @@ def _class_from_name(name: str, labels: Sequence[str], where: str) -> int:
     raise CamError(f"{where}: object name {text!r} is neither a class id nor one of the model's labels")
 
 
-def read_boxes_xml(paths: Sequence[Path], labels: Sequence[str]) -> list[GroundTruth]:
+def read_boxes_xml(paths: Sequence[Path], labels: Sequence[str],
+                   wnids: dict[str, int] | None = None) -> list[GroundTruth]:
     """Read PASCAL VOC / ImageNet XML annotations (1-based pixel indices, xmax/ymax included).
 
-    An object's ``<name>`` is a class id or one of the model's labels (case-insensitive). The image is
+    An object's ``<name>`` is a class id, one of the model's labels (case-insensitive), or a WordNet id
+    looked up in ``wnids`` (ImageNet's XML). Every object of an image must be of one class. The image is
     ``<filename>`` (or the XML's own name), relative to the images folder; a name without an extension
     (ImageNet's) is looked up with the usual image extensions.
     """
@@ -240,7 +269,7 @@ def read_boxes_xml(paths: Sequence[Path], labels: Sequence[str]) -> list[GroundT
             name = obj.findtext("name")
             if name is None:
                 raise CamError(f"{obj_where}: no <name>")
-            class_id = _class_from_name(name, labels, obj_where)
+            class_id = _class_from_name(name, labels, obj_where, wnids)
             bnd = obj.find("bndbox")
             if bnd is None:
                 raise CamError(f"{obj_where}: no <bndbox>")
@@ -254,7 +283,8 @@ def read_boxes_xml(paths: Sequence[Path], labels: Sequence[str]) -> list[GroundT
     return result
 
 
-def load_ground_truth(path: str | os.PathLike, labels: Sequence[str]) -> list[GroundTruth]:
+def load_ground_truth(path: str | os.PathLike, labels: Sequence[str],
+                      wnids: dict[str, int] | None = None) -> list[GroundTruth]:
     """Boxes from a CSV file, one XML file, or a folder of XML files."""
     p = Path(path)
     if not p.exists():
@@ -263,9 +293,9 @@ def load_ground_truth(path: str | os.PathLike, labels: Sequence[str]) -> list[Gr
         xmls = sorted(p.glob("*.xml"))
         if not xmls:
             raise CamError(f"{p} is a folder without .xml annotations (give a CSV file or a folder of XML)")
-        return read_boxes_xml(xmls, labels)
+        return read_boxes_xml(xmls, labels, wnids)
     if p.suffix.lower() == ".xml":
-        return read_boxes_xml([p], labels)
+        return read_boxes_xml([p], labels, wnids)
     return read_boxes_csv(p, num_classes=len(labels))
 
 
@@ -638,6 +668,7 @@ class EvaluateConfig:
     device: str = "auto"
     save_dir: Path | None = None
     max_images: int | None = None
+    wnids: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -716,7 +747,7 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
         raise CamError(f"images folder not found: {config.images}")
     model = CamModel(config.model, device=config.device)
     labels = model.labels
-    truths = load_ground_truth(config.boxes, labels)
+    truths = load_ground_truth(config.boxes, labels, load_wnids(config.wnids) if config.wnids else None)
     if config.max_images is not None:
         truths = truths[: config.max_images]
     paths = [resolve_image(config.images, gt) for gt in truths]  # every image exists before any work
@@ -886,7 +917,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="CSV with a header naming file,class_id,x0,y0,x1,y1 (any case, extra columns "
                              "allowed; 0-based pixel indices, x1/y1 included; optional width,height are "
                              "checked), or a folder of PASCAL VOC / ImageNet XML files (1-based, <name> a class "
-                             "id or one of the model's labels)")
+                             "id, one of the model's labels, or a WordNet id with --wnids; one class per image)")
     parser.add_argument("--method", choices=sorted(METHODS), default="cam", help="map method")
     parser.add_argument("--box-threshold", type=fraction, default=0.2, metavar="T",
                         help="the paper's box rule: keep pixels >= T times the maximum of the min-max normalised "
@@ -904,6 +935,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--save-dir", type=Path, default=None, metavar="DIR",
                         help="write one overlay per image: the map, ground truth (green), the box (red)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where the model runs")
+    parser.add_argument("--wnids", type=Path, default=None, metavar="FILE",
+                        help="XML whose <name> is a WordNet id (ImageNet): the ids in class order, one per line "
+                             "(ImageNet's LOC_synset_mapping.txt)")
     parser.add_argument("--max-images", type=positive_int, default=None, metavar="N",
                         help="evaluate only the first N annotated images")
     return parser
@@ -923,7 +957,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model=Path(model_path), images=args.images, boxes=args.boxes, method=args.method,
         box_threshold=args.box_threshold, topk=args.topk, crop=args.crop,
         pointing_tolerance=args.pointing_tolerance, device=args.device, save_dir=args.save_dir,
-        max_images=args.max_images,
+        max_images=args.max_images, wnids=args.wnids,
     )
     report = run_evaluate(config, progress=lambda total: Progress(total, label="images"))
     print(format_table(report))

@@ -476,3 +476,23 @@ def test_center_crop_and_errors_on_the_shared_set(mnv2_int8_onnx, tmp_path, caps
     with pytest.raises(CamError, match="json"):
         cmd_evaluate(args)
     capsys.readouterr()
+
+
+def test_imagenet_xml_with_wordnet_ids(tmp_path):
+    from realtime_cam.errors import CamError
+    from realtime_cam.evaluate import load_ground_truth, load_wnids
+
+    labels = tuple(f"class {i}" for i in range(1000))
+    xml = tmp_path / "xml"
+    xml.mkdir()
+    (xml / "a.xml").write_text(
+        "<annotation><filename>a</filename><object><name>n01530575</name><bndbox><xmin>11</xmin>"
+        "<ymin>21</ymin><xmax>50</xmax><ymax>60</ymax></bndbox></object></annotation>")
+    with pytest.raises(CamError, match="WordNet id.*--wnids"):
+        load_ground_truth(xml, labels)
+    wnids = tmp_path / "LOC_synset_mapping.txt"
+    ids = [f"n{i:08d}" for i in range(1000)]
+    ids[11] = "n01530575"
+    wnids.write_text("\n".join(f"{w} some name" for w in ids) + "\n")
+    (truth,) = load_ground_truth(xml, labels, load_wnids(wnids))
+    assert truth.class_id == 11
