@@ -223,7 +223,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     raise CamError(f"{args.output.name} is an image: use a video extension for a {source.kind}")
                 sinks.append(outputs.enter_context(ImageFileSink(args.output)))
             else:
-                sinks.append(outputs.enter_context(VideoFileSink(args.output, source.fps, source.size_wh)))
+                sinks.append(outputs.enter_context(
+                    VideoFileSink(args.output, source.fps, source.size_wh, real_time=source.live)))
         window = None if args.no_display else outputs.enter_context(WindowSink(f"realtime-cam: {args.source}"))
         options = RunOptions(
             view=ViewState(method=args.method, pinned_class=class_id, topk=args.topk, show_box=args.box,
@@ -232,7 +233,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             colormap=COLORMAPS[args.colormap], box_threshold=args.box_threshold, max_frames=args.max_frames,
             show_fps=window is not None and source.kind != "image", snapshot_dir=args.snapshot_dir,
             record_fps=source.fps or 30.0, pace_fps=source.fps if source.kind == "video" else 0.0,
-            show_latency=source.live,
+            live_source=source.live,
         )
         progress = None if source.live or source.kind == "image" else Progress(source.frame_count, estimate=True)
         result = run_loop(model, source, sinks=sinks, window=window, options=options, progress=progress)

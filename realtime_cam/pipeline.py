@@ -44,7 +44,8 @@ class RunOptions:
         show_fps: draw the frame rate and the capture-to-display latency on the overlay.
         snapshot_dir: where ``s`` saves snapshots and ``r`` records.
         record_fps: frame rate written into recordings started with ``r``.
-        show_latency: also draw capture-to-display latency (live sources; a file's read-ahead makes it moot).
+        live_source: the frames come from a camera or stream: the HUD shows capture-to-display latency and
+            recordings started with ``r`` are written in real time (see ``VideoFileSink(real_time=True)``).
         pace_fps: with a window, show frames no faster than this (a video file plays at its own speed);
             0 shows them as fast as they are explained. Headless runs never wait.
     """
@@ -58,7 +59,7 @@ class RunOptions:
     snapshot_dir: Path = Path("realtime-cam-snapshots")
     record_fps: float = 30.0
     pace_fps: float = 0.0
-    show_latency: bool = False
+    live_source: bool = False
 
 
 class StageTimes:
@@ -261,9 +262,10 @@ class _RenderWorker:
 class _Recorder:
     """What ``s`` and ``r`` write: snapshots and recordings in the snapshot folder."""
 
-    def __init__(self, folder: Path, fps: float) -> None:
+    def __init__(self, folder: Path, fps: float, real_time: bool = False) -> None:
         self.folder = folder
         self.fps = fps
+        self.real_time = real_time
         self.written: list[Path] = []
         self.video: VideoFileSink | None = None
 
@@ -293,7 +295,7 @@ class _Recorder:
             return None
         h, w = frame.image_bgr.shape[:2]
         path = self._stem("recording", frame.index).with_suffix(".mp4")
-        self.video = VideoFileSink(path, self.fps, (w, h))
+        self.video = VideoFileSink(path, self.fps, (w, h), real_time=self.real_time)
         self.written.append(path)
         return self.video
 
@@ -399,7 +401,7 @@ def _run_windowed(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
     temporal = TemporalFilter(options.temporal)
     meter = _FlickerMeter()
     view = options.view
-    recorder = _Recorder(options.snapshot_dir, options.record_fps)
+    recorder = _Recorder(options.snapshot_dir, options.record_fps, real_time=options.live_source)
     latency_ms = 0.0
     stopped_by = "end"
     prediction: Prediction | None = None
@@ -416,7 +418,7 @@ def _run_windowed(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
             t3 = time.perf_counter()
             hud = []
             if options.show_fps and rate.done > 1:
-                hud = [f"{rate.shown:.1f} FPS" + (f"  latency {latency_ms:.0f} ms" if options.show_latency else "")]
+                hud = [f"{rate.shown:.1f} FPS" + (f"  latency {latency_ms:.0f} ms" if options.live_source else "")]
             overlay = draw(frame, prediction, view, options, hud)
             t4 = time.perf_counter()
             for out in (*sinks, *([recorder.video] if recorder.video else []), window):

@@ -97,13 +97,20 @@ class VideoFileSink(Sink):
         fps: frame rate written in the file (the source's, so the video plays at the source's speed).
         size_wh: (width, height); frames of another size are resized to it.
         queue_size: frames waiting for the encoder before ``write`` blocks.
+        real_time: for live sources, where frames are skipped when explaining is slower than the camera:
+            each frame is written as many times as ``fps`` frames fit in the wall-clock time since the
+            previous one, so the video plays at real speed. Off, every frame is written once (files).
     """
 
-    def __init__(self, path: str | os.PathLike, fps: float, size_wh: tuple[int, int], queue_size: int = 8) -> None:
+    def __init__(self, path: str | os.PathLike, fps: float, size_wh: tuple[int, int], queue_size: int = 8,
+                 real_time: bool = False) -> None:
         self.path = check_output_path(path, VIDEO_CODECS)
         self.size_wh = size_wh
         self.fps = fps if fps > 0 else 30.0
         self.frames_written = 0
+        self.real_time = real_time
+        self._started_at: float | None = None
+        self._slots = 0  # frames handed to the encoder so far (real_time: what the clock says is due)
         self.encode_ms: collections.deque[float] = collections.deque(maxlen=10_000)
         self._tmp = temporary_name(self.path)
         fourcc = cv2.VideoWriter_fourcc(*VIDEO_CODECS[self.path.suffix.lower()])
@@ -140,7 +147,16 @@ class VideoFileSink(Sink):
         w, h = self.size_wh
         if image_bgr.shape[1] != w or image_bgr.shape[0] != h:
             image_bgr = cv2.resize(image_bgr, (w, h), interpolation=cv2.INTER_AREA)
-        self._queue.put(image_bgr)
+        copies = 1
+        if self.real_time:
+            now = time.perf_counter()
+            if self._started_at is None:
+                self._started_at = now
+            due = int((now - self._started_at) * self.fps) + 1
+            copies = max(1, due - self._slots)
+        for _ in range(copies):
+            self._queue.put(image_bgr)
+        self._slots += copies
 
     def close(self) -> None:
         """Flush, finalise the container, and give the file its real name."""

@@ -70,7 +70,7 @@ def test_live_mjpeg_url_with_max_frames(resnet18_onnx, tmp_path):
         assert main(["run", "--model", str(resnet18_onnx), "--source", server.url, "--output", str(out),
                      "--no-display", "--max-frames", "15"]) == 0
     frames, size, _ = decoded_frames(out)
-    assert len(frames) == 15 and size == (320, 180)
+    assert len(frames) >= 15 and size == (320, 180)   # live: written in real time (gaps repeat a frame)
 
 
 @pytest.mark.parametrize("argv,match", [

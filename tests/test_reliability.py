@@ -81,7 +81,7 @@ def test_stream_that_drops_out_is_reconnected(mnv2_int8_onnx, tmp_path):
         assert main(["run", "--model", str(mnv2_int8_onnx), "--source", server.url, "--output", str(out),
                      "--no-display", "--max-frames", "40", "--reconnect", "5"]) == 0
         assert server.connections >= 3          # 15 frames per connection: it came back twice at least
-    assert frame_count(out) == 40
+    assert frame_count(out) >= 40               # live: written in real time, so gaps repeat frames
 
 
 @needs_shared
@@ -91,7 +91,7 @@ def test_stream_that_is_gone_gives_up_after_n_tries(mnv2_int8_onnx, tmp_path, ca
         line = one_line_error(capsys, 2, ["run", "--model", str(mnv2_int8_onnx), "--source", server.url,
                                           "--output", str(out), "--no-display", "--reconnect", "2"])
     assert "stopped delivering frames; gave up after 2 reconnect tries" in line
-    assert 0 < frame_count(out) <= 10           # what came before the drop is kept, playable
+    assert frame_count(out) > 0                 # what came before the drop is kept, playable
 
 
 @needs_shared
@@ -303,3 +303,13 @@ def test_opset_out_of_range_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["export", "--opset", "99", "--weights", "none"])
     assert exc.value.code == 2
+
+
+def test_a_live_recording_is_written_in_real_time(tmp_path):
+    # 5 frames explained 0.1 s apart from a 30 FPS camera: the video must last ~0.4 s, not 5/30 s.
+    out = tmp_path / "live.mp4"
+    with VideoFileSink(out, 30, (64, 48), real_time=True) as sink:
+        for _ in range(5):
+            sink.write(np.zeros((48, 64, 3), np.uint8))
+            time.sleep(0.1)
+    assert 11 <= frame_count(out) <= 15
