@@ -75,11 +75,11 @@ BoxIncl = tuple[int, int, int, int]
 # ----------------------------------------------------------------------------- ground truth
 @dataclass(frozen=True)
 class GroundTruth:
-    """The annotated boxes of one image.
+    """The annotated boxes of one class in one image (an image with several classes has one per class).
 
     Attributes:
         file: the image's path relative to the images folder, as the annotation names it.
-        class_id: the ground-truth class (one per image).
+        class_id: the ground-truth class.
         boxes_xyxy: its boxes, pixel edges in the stored image's coordinates.
         size_wh: the image size the annotation states, or None when it states none.
         where: where the annotation came from ("annotations.csv line 7"), for error messages.
@@ -111,25 +111,30 @@ def _checked_box(x0: float, y0: float, x1: float, y1: float, where: str) -> Box:
 
 
 class _Collector:
-    """Groups boxes by image, in the order images first appear, and refuses two classes for one image."""
+    """Groups boxes by (image, class), in the order they first appear.
+
+    An image with objects of several classes (common in PASCAL VOC) is scored once per class: each pair is
+    a row, explained for its class against that class's boxes.
+    """
 
     def __init__(self) -> None:
-        self.items: dict[str, dict] = {}
+        self.items: dict[tuple[str, int], dict] = {}
+        self._sizes: dict[str, tuple[tuple[int, int] | None, str]] = {}
 
     def add(self, file: str, class_id: int, box: Box, size_wh: tuple[int, int] | None, where: str) -> None:
-        item = self.items.setdefault(file, {"class_id": class_id, "boxes": [], "size_wh": size_wh,
-                                            "where": where})
-        if item["class_id"] != class_id:
-            raise CamError(f"{where}: {file} already has class {item['class_id']} ({item['where']}); "
-                           "evaluate needs one class per image")
+        item = self.items.setdefault((file, class_id), {"boxes": [], "size_wh": size_wh, "where": where})
+        first_size, first_where = self._sizes.setdefault(file, (size_wh, where))
+        if size_wh is not None and first_size is not None and size_wh != first_size:
+            raise CamError(f"{where}: {file} is {size_wh[0]}x{size_wh[1]} here but "
+                           f"{first_size[0]}x{first_size[1]} in {first_where}")
         if size_wh is not None and item["size_wh"] is not None and size_wh != item["size_wh"]:
             raise CamError(f"{where}: {file} is {size_wh[0]}x{size_wh[1]} here but "
                            f"{item['size_wh'][0]}x{item['size_wh'][1]} in {item['where']}")
         item["boxes"].append(box)
 
     def result(self) -> list[GroundTruth]:
-        return [GroundTruth(file, it["class_id"], tuple(it["boxes"]), it["size_wh"], it["where"])
-                for file, it in self.items.items()]
+        return [GroundTruth(file, class_id, tuple(it["boxes"]), it["size_wh"], it["where"])
+                for (file, class_id), it in self.items.items()]
 
 
 def read_boxes_csv(path: Path, num_classes: int | None = None) -> list[GroundTruth]:
@@ -244,7 +249,7 @@ def read_boxes_xml(paths: Sequence[Path], labels: Sequence[str],
     """Read PASCAL VOC / ImageNet XML annotations (1-based pixel indices, xmax/ymax included).
 
     An object's ``<name>`` is a class id, one of the model's labels (case-insensitive), or a WordNet id
-    looked up in ``wnids`` (ImageNet's XML). Every object of an image must be of one class. The image is
+    looked up in ``wnids`` (ImageNet's XML). The image is
     ``<filename>`` (or the XML's own name), relative to the images folder; a name without an extension
     (ImageNet's) is looked up with the usual image extensions.
     """
@@ -600,6 +605,9 @@ def score_image(map_hw: np.ndarray, gt_boxes_xyxy: Sequence[Box], size_wh: tuple
 class EvalSummary:
     """The dataset's numbers, in percent of the images (thresholds and fractions as fractions).
 
+    An image with objects of several classes counts once per class: ``images`` is the number of
+    (image, class) rows scored.
+
     Attributes:
         topk: the k of ``topk_acc`` and ``topk_loc``.
         max_box_acc_v2_per_iou: {IoU threshold: (MaxBoxAcc, its best cam threshold)}.
@@ -917,7 +925,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="CSV with a header naming file,class_id,x0,y0,x1,y1 (any case, extra columns "
                              "allowed; 0-based pixel indices, x1/y1 included; optional width,height are "
                              "checked), or a folder of PASCAL VOC / ImageNet XML files (1-based, <name> a class "
-                             "id, one of the model's labels, or a WordNet id with --wnids; one class per image)")
+                             "id, one of the model's labels, or a WordNet id with --wnids). An image with several "
+                             "classes is scored once per class")
     parser.add_argument("--method", choices=sorted(METHODS), default="cam", help="map method")
     parser.add_argument("--box-threshold", type=fraction, default=0.2, metavar="T",
                         help="the paper's box rule: keep pixels >= T times the maximum of the min-max normalised "

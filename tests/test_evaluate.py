@@ -250,7 +250,6 @@ def test_csv_extra_columns_any_case_inclusive_corners(tmp_path):
     ("file,class_id,x0,y0,x1,y1\na.jpg,1,5,0,3,3\n", "line 2: empty box"),
     ("file,class_id,x0,y0,x1,y1\na.jpg,1,-1,0,3,3\n", "line 2: negative"),
     ("file,class_id,x0,y0,x1,y1\na.jpg,1,0,0,3\n", "line 2: 5 fields"),
-    ("file,class_id,x0,y0,x1,y1\na.jpg,1,0,0,3,3\na.jpg,2,0,0,3,3\n", "line 3: a.jpg already has class 1"),
     ("file,class_id,x0,y0,x1,y1\n", "no boxes"),
     ("", "is empty"),
 ])
@@ -496,3 +495,12 @@ def test_imagenet_xml_with_wordnet_ids(tmp_path):
     wnids.write_text("\n".join(f"{w} some name" for w in ids) + "\n")
     (truth,) = load_ground_truth(xml, labels, load_wnids(wnids))
     assert truth.class_id == 11
+
+
+def test_an_image_with_two_classes_is_scored_once_per_class(tmp_path):
+    from realtime_cam.evaluate import read_boxes_csv
+
+    path = tmp_path / "b.csv"
+    path.write_text("file,class_id,x0,y0,x1,y1\na.jpg,1,0,0,3,3\na.jpg,2,5,5,9,9\na.jpg,1,1,1,4,4\n")
+    truths = read_boxes_csv(path, num_classes=3)
+    assert [(t.file, t.class_id, len(t.boxes_xyxy)) for t in truths] == [("a.jpg", 1, 2), ("a.jpg", 2, 1)]
