@@ -20,6 +20,17 @@ def float_tolerance(reference: np.ndarray) -> float:
     return 1e-3 * max(1.0, float(np.abs(reference).max()))
 
 
+def cpu_session(model: bytes | Path, what: str) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session for checking an export; a model it cannot load is an ExportError."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the head copy is an unused initializer: no warning per load
+    try:
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
+        raise ExportError(f"onnxruntime cannot load {what} ({str(exc).splitlines()[0][:300]})") from None
+
+
 def check_contract_file(
     path: Path, batch: np.ndarray, logits_ref: np.ndarray, features_ref: np.ndarray
 ) -> tuple[float, float]:
@@ -32,7 +43,7 @@ def check_contract_file(
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"onnx.checker rejected the exported model: {str(exc).splitlines()[0]}") from None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = cpu_session(path, "the exported model")
     name = session.get_inputs()[0].name
     logits, features = session.run(["logits", "features"], {name: batch.astype(np.float32)})
     diff_logits = float(np.abs(logits - logits_ref).max())

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 from realtime_cam.contract import (
@@ -40,7 +39,7 @@ from realtime_cam.contract import (
 )
 from realtime_cam.errors import CamError, ExportError
 
-from .checks import float_tolerance, replace_atomically
+from .checks import cpu_session, float_tolerance, replace_atomically
 
 __all__ = ["RewriteReport", "rewrite_onnx_classifier"]
 
@@ -396,7 +395,7 @@ def _shapes(model: onnx.ModelProto, path: _Path, input_name: str, x: np.ndarray,
         probe.CopyFrom(model)
         known = {o.name for o in probe.graph.output}
         probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in missing if t not in known)
-        session = _session(probe.SerializeToString(), src.name)
+        session = cpu_session(probe.SerializeToString(), src.name)
         try:
             values = session.run(missing, {input_name: x})
         except Exception as exc:  # noqa: BLE001 - re-raised; onnxruntime raises its own Fail/InvalidArgument types
@@ -404,15 +403,6 @@ def _shapes(model: onnx.ModelProto, path: _Path, input_name: str, x: np.ndarray,
         for tensor, value in zip(missing, values, strict=True):
             shapes[tensor] = (tuple(value.shape), helper.np_dtype_to_tensor_dtype(value.dtype))
     return shapes
-
-
-def _session(model_bytes: bytes, what: str) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - re-raised; onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
-        raise ExportError(f"onnxruntime cannot load {what}: {str(exc).splitlines()[0][:300]}") from None
 
 
 # ----------------------------------------------------------------------------- finding the head
@@ -817,7 +807,7 @@ def _check(model: onnx.ModelProto, head: _Head, input_name: str, tests: list[np.
     # The head exactly as the runtime will read it from the file.
     _, weight, bias = read_contract(model)
     weight = weight.astype(np.float64)
-    session = _session(model.SerializeToString(), f"the rewritten {src.name}")
+    session = cpu_session(model.SerializeToString(), f"the rewritten {src.name}")
     # W @ GAP(features) + b equals the logits up to float rounding for float heads; quantized heads round at
     # every requantization. Round-to-nearest moves the pooled vector by at most s/2 per channel (s: its
     # scale), which reaches logit k through |W_k|_1, and each requantization after the linear layer moves
@@ -852,7 +842,7 @@ def _original_logits(original_bytes: bytes, head: _Head, index: _Index, input_na
     if head.logits not in {o.name for o in model.graph.output}:
         model.graph.output.append(onnx.ValueInfoProto(name=head.logits))
         original_bytes = model.SerializeToString()
-    session = _session(original_bytes, src.name)
+    session = cpu_session(original_bytes, src.name)
     try:
         values = [session.run([head.logits], {input_name: x})[0] for x in tests]
     except Exception as exc:  # noqa: BLE001 - re-raised; onnxruntime raises its own Fail/InvalidArgument types

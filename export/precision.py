@@ -27,7 +27,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, version_converter
 from onnxruntime import quantization as ortq
 
@@ -47,7 +46,7 @@ from realtime_cam.model import CamModel
 from realtime_cam.preprocess import Preprocessor, as_bgr
 from realtime_cam.sources import IMAGE_EXTENSIONS, open_source
 
-from .checks import float_tolerance, replace_atomically
+from .checks import cpu_session, float_tolerance, replace_atomically
 
 __all__ = [
     "CALIBRATIONS",
@@ -337,15 +336,6 @@ def _keep_metadata(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
     model.doc_string = source.doc_string
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - re-raised with its first line; ORT's errors are many types
-        raise ExportError(f"onnxruntime cannot load the converted model ({str(exc).splitlines()[0][:300]})") from None
-
-
 def _check_outputs(path: Path, batches: list[np.ndarray], weight: np.ndarray, bias: np.ndarray,
                    what: str) -> list[np.ndarray]:
     """Check a written file: onnx.checker, float32 ``logits`` and ``features``, and a float head.
@@ -357,7 +347,7 @@ def _check_outputs(path: Path, batches: list[np.ndarray], weight: np.ndarray, bi
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"onnx.checker rejected the {what} model: {str(exc).splitlines()[0]}") from None
-    session = _session(path)
+    session = cpu_session(path, "the converted model")
     declared = [(o.name, o.type) for o in session.get_outputs()[:2]]
     if declared != [(LOGITS, "tensor(float)"), (FEATURES, "tensor(float)")]:
         raise ExportError(f"the {what} model's outputs are {declared}, not float logits and features; "
@@ -692,7 +682,7 @@ def convert_fp16(
     write_contract(model, info, weight, bias)
 
     inputs = _test_inputs(info, 4)
-    reference = _session(fp32_path)
+    reference = cpu_session(fp32_path, "the fp32 model")
     name = reference.get_inputs()[0].name
     expected = [reference.run([LOGITS], {name: x})[0] for x in inputs]
 

@@ -24,7 +24,7 @@ from . import __version__
 from .errors import CamError, DeviceError
 from .fidelity import fidelity
 from .model import CamModel
-from .pipeline import RunOptions, run_loop
+from .pipeline import RunOptions, median_p95, run_loop
 from .sinks import NullSink, VideoFileSink
 from .sources import CaptureSource, Frame, open_source
 
@@ -57,11 +57,6 @@ def fps_of(stamps: Sequence[float]) -> float:
     if len(stamps) < 2 or stamps[-1] <= stamps[0]:
         return 0.0
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
-
-
-def _stats_ms(values_ms: Sequence[float]) -> dict[str, float]:
-    arr = np.asarray(values_ms, dtype=np.float64)
-    return {"median_ms": float(np.median(arr)), "p95_ms": float(np.percentile(arr, 95))}
 
 
 def synthetic_video(path: Path, frames: int = 120, size_wh: tuple[int, int] = (640, 360)) -> Path:
@@ -105,7 +100,7 @@ def bench_inference(model: CamModel, frames: list[np.ndarray], warmup: int) -> d
         t1 = time.perf_counter()
         stamps.append(t1)
         durations.append((t1 - t0) * 1000.0)
-    return {"fps": fps_of(stamps), **_stats_ms(durations)}
+    return {"fps": fps_of(stamps), **median_p95(durations)}
 
 
 def bench_pipeline_memory(model: CamModel, frames: list[np.ndarray], warmup: int) -> dict:
@@ -128,9 +123,9 @@ def bench_file_to_file(model: CamModel, source: str, count: int, out_dir: Path) 
         decode = list(src.decode_ms) if isinstance(src, CaptureSource) else []
     stages = dict(result.stage_ms)
     if decode:
-        stages["decode"] = _stats_ms(decode)
+        stages["decode"] = median_p95(decode)
     if sink.encode_ms:
-        stages["encode"] = _stats_ms(list(sink.encode_ms))
+        stages["encode"] = median_p95(list(sink.encode_ms))
     out.unlink(missing_ok=True)
     return {"fps": result.fps, "frames": result.frames, "stages": stages}
 

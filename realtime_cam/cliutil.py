@@ -44,25 +44,23 @@ def smooth_weight(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+def _at_least(text: str, kind: type, minimum: float, words: str) -> float:
+    value = _number(text, kind)
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {words}, got {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _at_least(text, int, 1, "at least 1")
 
 
 def non_negative_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+    return _at_least(text, int, 0, "0 or more")
 
 
 def non_negative_float(text: str) -> float:
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+    return _at_least(text, float, 0, "0 or more")
 
 
 def positive_float(text: str) -> float:

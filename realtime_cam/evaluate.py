@@ -47,7 +47,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from .cams import METHODS
+from .cams import METHODS, top_k_ids
 from .cliutil import HelpFormatter, fraction, non_negative_float, positive_int
 from .errors import CamError, SinkError
 from .localize import Box, cam_box, iou, upsample
@@ -705,8 +705,7 @@ def rank_classes(logits: np.ndarray, k: int) -> tuple[int, ...]:
     An int8 model's logits take few distinct values, so exact ties for the top-1 do happen; a fixed rule
     keeps top-1 the same whatever k is.
     """
-    order = np.argsort(-np.asarray(logits, dtype=np.float64), kind="stable")[: max(1, int(k))]
-    return tuple(int(c) for c in order)
+    return tuple(int(c) for c in top_k_ids(np.asarray(logits), k))
 
 
 def draw_result(frame_bgr: np.ndarray, map_hw: np.ndarray, result: ImageResult, labels: Sequence[str],

@@ -62,6 +62,12 @@ class RunOptions:
     live_source: bool = False
 
 
+def median_p95(values_ms: Iterable[float]) -> dict[str, float]:
+    """{"median_ms", "p95_ms"} of durations in milliseconds."""
+    arr = np.fromiter(values_ms, dtype=np.float64)
+    return {"median_ms": float(np.median(arr)), "p95_ms": float(np.percentile(arr, 95))}
+
+
 class StageTimes:
     """Per-stage durations of the most recent frames, in milliseconds."""
 
@@ -73,12 +79,7 @@ class StageTimes:
 
     def summary(self) -> dict[str, dict[str, float]]:
         """{stage: {"median_ms": .., "p95_ms": ..}} over the frames kept."""
-        out = {}
-        for name, values in self._ms.items():
-            if values:
-                arr = np.fromiter(values, dtype=np.float64)
-                out[name] = {"median_ms": float(np.median(arr)), "p95_ms": float(np.percentile(arr, 95))}
-        return out
+        return {name: median_p95(values) for name, values in self._ms.items() if values}
 
 
 @dataclass(frozen=True)
