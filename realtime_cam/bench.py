@@ -13,7 +13,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,7 +24,7 @@ from . import __version__
 from .errors import CamError, DeviceError
 from .fidelity import fidelity
 from .model import CamModel
-from .pipeline import RunOptions, median_p95, run_loop
+from .pipeline import DEFAULT_BATCH, RunOptions, median_p95, run_loop
 from .sinks import NullSink, VideoFileSink
 from .sources import CaptureSource, Frame, open_source
 
@@ -42,6 +42,8 @@ class BenchConfig:
         frames: frames per measurement (after the warm-up).
         warmup: frames run before each measurement and not timed.
         seed_baseline: also time the seed approach (needs torch; skipped without it).
+        batch: frames per inference call in the loop and file measurements, as ``run`` batches a file;
+            inference alone is measured both frame by frame and at this batch.
     """
 
     models: tuple[Path, ...]
@@ -50,6 +52,7 @@ class BenchConfig:
     frames: int = 300
     warmup: int = 20
     seed_baseline: bool = True
+    batch: int = DEFAULT_BATCH
 
 
 def fps_of(stamps: Sequence[float]) -> float:
@@ -88,30 +91,35 @@ def load_frames(source: str, count: int) -> list[np.ndarray]:
     return frames
 
 
-def bench_inference(model: CamModel, frames: list[np.ndarray], warmup: int) -> dict:
-    """Inference alone on prepared inputs: what the hardware and the runtime can do."""
-    batches = [model.prepare(f).copy() for f in frames]
-    for b in batches[:warmup]:
-        model.forward(b)
+def bench_inference(model: CamModel, frames: list[np.ndarray], warmup: int, batch: int = 1) -> dict:
+    """Inference alone on prepared inputs, ``batch`` frames per call: what the hardware and the runtime can do.
+
+    FPS counts frames: (frames after the first call) / (time from the first call's end to the last one's);
+    median/p95 are per call.
+    """
+    inputs = [model.prepare_batch(frames[i:i + batch]) for i in range(0, len(frames) - batch + 1, batch)]
+    calls_warm = max(1, warmup // batch)
+    for x in inputs[:calls_warm]:
+        model.forward(x)
     stamps, durations = [], []
-    for b in batches[warmup:]:
+    for x in inputs[calls_warm:]:
         t0 = time.perf_counter()
-        model.forward(b)
+        model.forward(x)
         t1 = time.perf_counter()
         stamps.append(t1)
         durations.append((t1 - t0) * 1000.0)
-    return {"fps": fps_of(stamps), **median_p95(durations)}
+    return {"fps": fps_of(stamps) * batch, "batch": batch, **median_p95(durations)}
 
 
-def bench_pipeline_memory(model: CamModel, frames: list[np.ndarray], warmup: int) -> dict:
+def bench_pipeline_memory(model: CamModel, frames: list[np.ndarray], warmup: int, options: RunOptions) -> dict:
     """The whole loop (preprocess, inference, CAM, overlay) on frames already in memory, output dropped."""
-    run_loop(model, (Frame(i, f, 0.0) for i, f in enumerate(frames[:warmup])), sinks=[NullSink()])
+    run_loop(model, (Frame(i, f, 0.0) for i, f in enumerate(frames[:warmup])), sinks=[NullSink()], options=options)
     result = run_loop(model, (Frame(i, f, time.perf_counter()) for i, f in enumerate(frames[warmup:])),
-                      sinks=[NullSink()])
+                      sinks=[NullSink()], options=options)
     return {"fps": result.fps, "stages": result.stage_ms}
 
 
-def bench_file_to_file(model: CamModel, source: str, count: int, out_dir: Path) -> dict:
+def bench_file_to_file(model: CamModel, source: str, count: int, out_dir: Path, options: RunOptions) -> dict:
     """Source file -> loop -> mp4, as `realtime-cam run --no-display --output` does it.
 
     From the file's first frame, as a user's run starts (no warm-up: the model is already warm from the
@@ -119,7 +127,7 @@ def bench_file_to_file(model: CamModel, source: str, count: int, out_dir: Path) 
     """
     out = out_dir / "bench-output.mp4"
     with open_source(source) as src, VideoFileSink(out, src.fps, src.size_wh) as sink:
-        result = run_loop(model, src, sinks=[sink], options=RunOptions(max_frames=count))
+        result = run_loop(model, src, sinks=[sink], options=replace(options, max_frames=count))
         decode = list(src.decode_ms) if isinstance(src, CaptureSource) else []
     stages = dict(result.stage_ms)
     if decode:
@@ -174,7 +182,7 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict:
     """Measure every (model, device) pair; returns the JSON-ready report."""
     report: dict = {"config": {"models": [str(m) for m in config.models], "source": config.source,
                                "devices": list(config.devices), "frames": config.frames,
-                               "warmup": config.warmup},
+                               "warmup": config.warmup, "batch": config.batch},
                     "environment": environment(), "results": [], "skipped": []}
     with tempfile.TemporaryDirectory(prefix="realtime-cam-bench-") as tmp:
         tmp_dir = Path(tmp)
@@ -201,11 +209,20 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict:
                 row = {"model": str(path), "device": device, "provider": model.provider,
                        "source": model.info.source}
                 row["inference"] = bench_inference(model, frames, config.warmup)
+                batch = model.batch_size(config.batch)
+                row["batch"] = batch
+                if batch > 1:
+                    log(f"[{device}] {name}: inference only, {batch} frames per call")
+                    row["inference_batched"] = bench_inference(model, frames, config.warmup, batch)
+                options = RunOptions(batch=batch)
                 log(f"[{device}] {name}: loop on frames in memory")
-                row["pipeline"] = bench_pipeline_memory(model, frames, config.warmup)
+                row["pipeline"] = bench_pipeline_memory(model, frames, config.warmup, options)
                 log(f"[{device}] {name}: file to file")
-                row["file_to_file"] = bench_file_to_file(model, source, config.frames, tmp_dir)
+                row["file_to_file"] = bench_file_to_file(model, source, config.frames, tmp_dir, options)
                 row["ratios"] = {"file_to_file_vs_inference": row["file_to_file"]["fps"] / row["inference"]["fps"]}
+                if batch > 1:
+                    row["ratios"]["file_to_file_vs_inference_batched"] = (
+                        row["file_to_file"]["fps"] / row["inference_batched"]["fps"])
                 if index == 0:
                     reference = model
                 elif reference is not None and reference.provider == model.provider:
@@ -231,18 +248,23 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict:
 
 def format_table(report: dict) -> str:
     """A plain-text table of the report: one row per (model, device)."""
-    head = ["model", "device", "infer FPS", "loop FPS", "file FPS", "file/infer", "loop/seed", "fidelity"]
+    head = ["model", "device", "batch", "infer FPS", "infer@batch", "loop FPS", "file FPS", "file/infer",
+            "file/infer@batch", "loop/seed", "fidelity"]
     rows = [head]
     for r in report["results"]:
         fid = r.get("fidelity_vs_first")
+        batched = r.get("inference_batched")
+        ratios = r["ratios"]
         rows.append([
-            Path(r["model"]).name, r["device"], f"{r['inference']['fps']:.1f}", f"{r['pipeline']['fps']:.1f}",
-            f"{r['file_to_file']['fps']:.1f}", f"{r['ratios']['file_to_file_vs_inference']:.2f}",
-            f"{r['ratios']['pipeline_vs_seed']:.2f}" if "pipeline_vs_seed" in r["ratios"] else "-",
+            Path(r["model"]).name, r["device"], str(r.get("batch", 1)), f"{r['inference']['fps']:.1f}",
+            f"{batched['fps']:.1f}" if batched else "-", f"{r['pipeline']['fps']:.1f}",
+            f"{r['file_to_file']['fps']:.1f}", f"{ratios['file_to_file_vs_inference']:.2f}",
+            f"{ratios['file_to_file_vs_inference_batched']:.2f}" if batched else "-",
+            f"{ratios['pipeline_vs_seed']:.2f}" if "pipeline_vs_seed" in ratios else "-",
             f"top1 {fid['top1_agreement_pct']:.0f}% r {fid['map_r_median']:.3f}" if fid else "-",
         ])
     for device, seed in report.get("seed_baseline", {}).items():
-        rows.append(["seed (torch eager)", device, "-", f"{seed['fps']:.1f}", "-", "-", "1.00", "-"])
+        rows.append(["seed (torch eager)", device, "1", "-", "-", f"{seed['fps']:.1f}", "-", "-", "-", "1.00", "-"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -260,8 +282,10 @@ def plot_report(report: dict, path: Path) -> None:
     bars = []
     for r in report["results"]:
         label = f"{Path(r['model']).stem} [{r['device']}]"
-        bars += [(f"{label} inference", r["inference"]["fps"], (200, 120, 40)),
-                 (f"{label} loop", r["pipeline"]["fps"], (60, 170, 60)),
+        bars.append((f"{label} inference", r["inference"]["fps"], (200, 120, 40)))
+        if "inference_batched" in r:
+            bars.append((f"{label} inference, batch {r['batch']}", r["inference_batched"]["fps"], (150, 90, 30)))
+        bars += [(f"{label} loop", r["pipeline"]["fps"], (60, 170, 60)),
                  (f"{label} file-to-file", r["file_to_file"]["fps"], (40, 140, 230))]
     for device, seed in report.get("seed_baseline", {}).items():
         bars.append((f"seed torch eager [{device}]", seed["fps"], (120, 120, 120)))

@@ -30,6 +30,7 @@ from .export.precision import CALIBRATIONS, DEFAULT_CALIBRATION
 from .model import DEVICES
 from .overlay import COLORMAPS
 from .paths import default_model_path
+from .pipeline import DEFAULT_BATCH
 from .temporal import SCALES
 from .view import KEY_HELP
 
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "rate, or an image (.png .jpg) for an image source")
     run.add_argument("--no-display", action="store_true", help="no window (headless; use with --output)")
     run.add_argument("--max-frames", type=positive_int, default=None, help="stop after N frames")
+    run.add_argument("--batch", type=positive_int, default=DEFAULT_BATCH, metavar="N",
+                     help="--no-display on a video file: frames per inference call (more frames per second; "
+                          "1 = frame by frame). Live sources and the window always go one frame at a time")
     run.add_argument("--class", dest="class_name", default=None, metavar="NAME|ID",
                      help="pin the explained class (a label, a unique prefix of one, or an id) instead of the top-1")
     run.add_argument("--topk", type=positive_int, default=3, help="how many classes to list (n/p step through them)")
@@ -111,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated devices; one that cannot run is reported as skipped")
     bench.add_argument("--frames", type=positive_int, default=300, help="frames per measurement")
     bench.add_argument("--warmup", type=positive_int, default=20, help="untimed frames before each measurement")
+    bench.add_argument("--batch", type=positive_int, default=DEFAULT_BATCH, metavar="N",
+                       help="frames per inference call in the loop and file measurements (as `run` batches a "
+                            "file); inference alone is measured frame by frame and at N")
     bench.add_argument("--json", type=Path, default=None, help="write the full report as JSON")
     bench.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG)")
     bench.add_argument("--no-seed", action="store_true", help="skip the PyTorch seed-approach baseline")
@@ -233,7 +240,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             colormap=COLORMAPS[args.colormap], box_threshold=args.box_threshold, max_frames=args.max_frames,
             show_fps=window is not None and source.kind != "image", snapshot_dir=args.snapshot_dir,
             record_fps=source.fps or 30.0, pace_fps=source.fps if source.kind == "video" else 0.0,
-            live_source=source.live,
+            live_source=source.live, batch=args.batch,
         )
         progress = None if source.live or source.kind == "image" else Progress(source.frame_count, estimate=True)
         result = run_loop(model, source, sinks=sinks, window=window, options=options, progress=progress)
@@ -306,7 +313,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not path.exists():
             raise CamError(f"model file not found: {path} (make one with `realtime-cam export`)")
     config = BenchConfig(models=models, source=args.source, devices=args.device, frames=args.frames,
-                         warmup=args.warmup, seed_baseline=not args.no_seed)
+                         warmup=args.warmup, seed_baseline=not args.no_seed, batch=args.batch)
     report = run_bench(config, log=log.info)
     print(format_table(report))
     if args.json is not None:

@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -134,6 +135,7 @@ class CamModel:
             log.warning("CUDA provider is installed but did not start; running on CPU")
         self._input_name = self._session.get_inputs()[0].name
         self._check_shapes()
+        self.max_batch = self._batch_limit()
         self._preprocess = Preprocessor(
             self.info.input_size_hw, self.info.mean, self.info.std, self.info.channel_order
         )
@@ -154,6 +156,25 @@ class CamModel:
             raise ModelError(f"'features' has {features.shape[1]} channels but the head expects {c}")
         if logits.shape != (1, k):
             raise ModelError(f"'logits' must be [N, {k}] for this head; the model gives {list(logits.shape)}")
+
+    def _batch_limit(self) -> int | None:
+        """How many frames one forward may take: None (any number) when the batch dimension is dynamic and
+        a batch of 2 really runs, else 1 (some exported graphs declare a dynamic batch but reshape to 1)."""
+        declared = self._session.get_inputs()[0].shape[0]
+        if isinstance(declared, int) and declared > 0:
+            return declared
+        h, w = self.info.input_size_hw
+        pair = np.zeros((2, 3, h, w), np.float32)
+        try:
+            logits, features = self._session.run([LOGITS, FEATURES], {self._input_name: pair})
+        except Exception as exc:  # the model is still usable one frame at a time
+            log.debug("%s does not run on a batch of 2 (%s): one frame at a time", self.path, exc)
+            return 1
+        return None if logits.shape[0] == 2 and features.shape[0] == 2 else 1
+
+    def batch_size(self, wanted: int) -> int:
+        """``wanted`` frames per forward, or fewer when the model's batch dimension is fixed."""
+        return max(1, wanted if self.max_batch is None else min(wanted, self.max_batch))
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -190,9 +211,14 @@ class CamModel:
         """The model's input for one frame: [1, 3, H, W] float32 (a reused buffer)."""
         return self._preprocess(as_bgr(frame_bgr))
 
-    def prepare_copy(self, frame_bgr: np.ndarray) -> np.ndarray:
-        """Like :meth:`prepare`, into a new array: for preprocessing ahead of inference in another thread."""
-        return self._preprocess(as_bgr(frame_bgr), out=np.empty_like(self._preprocess.buffer))
+    def prepare_batch(self, frames_bgr: Sequence[np.ndarray]) -> np.ndarray:
+        """The model's input for several frames, in a new [N, 3, H, W] float32 array: for preprocessing ahead
+        of inference in another thread, and for batched inference on files."""
+        h, w = self.info.input_size_hw
+        batch = np.empty((len(frames_bgr), 3, h, w), np.float32)
+        for i, frame in enumerate(frames_bgr):
+            self._preprocess(as_bgr(frame), out=batch[i:i + 1])
+        return batch
 
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the network on a prepared batch: (logits [N, K], features [N, C, h, w]), float32."""

@@ -24,10 +24,13 @@ from .progress import Progress
 from .sinks import Sink, VideoFileSink, WindowSink
 from .sources import Frame
 from .temporal import TemporalFilter, TemporalOptions, flicker
-from .threads import lower_this_threads_priority
+from .threads import lower_this_threads_priority, single_threaded_opencv
 from .view import KEY_HELP, QUIT, RECORD, SNAPSHOT, ViewState, handle_key
 
 STAGES = ("wait", "preprocess", "inference", "cam", "overlay", "output")
+# Frames per inference call for a file (RunOptions.batch). On 2 cores ResNet18 runs 119 FPS frame by frame,
+# 127-134 at 4 and 132-135 at 8 (bench, inference alone): 4 takes most of the gain with little memory.
+DEFAULT_BATCH = 4
 log = logging.getLogger("realtime_cam")
 
 
@@ -48,6 +51,9 @@ class RunOptions:
             recordings started with ``r`` are written in real time (see ``VideoFileSink(real_time=True)``).
         pace_fps: with a window, show frames no faster than this (a video file plays at its own speed);
             0 shows them as fast as they are explained. Headless runs never wait.
+        batch: frames a headless run on a file sends through the network at once (fewer, larger inference
+            calls: more frames per second from the same cores); a model with a fixed batch size takes what
+            it can. Live sources and windowed runs go one frame at a time, so that nothing waits for frames.
     """
 
     view: ViewState = ViewState()
@@ -60,6 +66,7 @@ class RunOptions:
     record_fps: float = 30.0
     pace_fps: float = 0.0
     live_source: bool = False
+    batch: int = DEFAULT_BATCH
 
 
 def median_p95(values_ms: Iterable[float]) -> dict[str, float]:
@@ -74,8 +81,9 @@ class StageTimes:
     def __init__(self, stages: Sequence[str] = STAGES, keep: int = 10_000) -> None:
         self._ms = {name: collections.deque(maxlen=keep) for name in stages}
 
-    def add(self, stage: str, seconds: float) -> None:
-        self._ms[stage].append(seconds * 1000.0)
+    def add(self, stage: str, seconds: float, frames: int = 1) -> None:
+        """Time spent on ``frames`` frames at once (a batch): each frame gets an equal share."""
+        self._ms[stage].extend([seconds * 1000.0 / frames] * frames)
 
     def summary(self) -> dict[str, dict[str, float]]:
         """{stage: {"median_ms": .., "p95_ms": ..}} over the frames kept."""
@@ -88,7 +96,8 @@ class RunResult:
 
     Attributes:
         frames: frames processed.
-        fps: (frames - 1) / (time of last frame - time of first frame); 0 for fewer than 2 frames.
+        fps: frames per second from the first frame's completion to the last one's (see ``_Rate``); 0
+            when there is no interval to measure.
         stage_ms: per-stage median and p95 (see :class:`StageTimes`).
         stopped_by: "end", "quit" (q/Esc), "window-closed" or "max-frames".
         last: the last frame's prediction.
@@ -141,16 +150,18 @@ class _FlickerMeter:
 
 
 class _Prefetcher:
-    """Preprocesses frames in a thread of its own, ahead of inference (headless runs).
+    """Preprocesses frames in a thread of its own, ahead of inference (headless runs), ``batch`` at a time.
 
-    Yields (frame, batch) in order; an error in the thread (or in the source) is raised in the consumer.
+    Yields (frames, inputs) in order, ``inputs`` being [len(frames), 3, H, W]; the last batch of a file can
+    be shorter. An error in the thread (or in the source) is raised in the consumer.
     """
 
-    def __init__(self, frames: Iterable[Frame], prepare: Callable[[np.ndarray], np.ndarray],
-                 times: StageTimes, queue_size: int = 4) -> None:
+    def __init__(self, frames: Iterable[Frame], prepare: Callable[[Sequence[np.ndarray]], np.ndarray],
+                 times: StageTimes, batch: int = 1, queue_size: int = 4) -> None:
         self._frames = frames
         self._prepare = prepare
         self._times = times
+        self._batch = batch
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="preprocess", daemon=True)
@@ -163,20 +174,29 @@ class _Prefetcher:
         self._queue.put(item)
         return not self._stop.is_set()
 
+    def _hand_over(self, frames: list[Frame]) -> bool:
+        t0 = time.perf_counter()
+        inputs = self._prepare([frame.image_bgr for frame in frames])
+        self._times.add("preprocess", time.perf_counter() - t0, len(frames))
+        return self._put((frames, inputs))
+
     def _loop(self) -> None:
         lower_this_threads_priority()
         try:
+            pending: list[Frame] = []
             for frame in self._frames:
-                t0 = time.perf_counter()
-                batch = self._prepare(frame.image_bgr)
-                self._times.add("preprocess", time.perf_counter() - t0)
-                if not self._put((frame, batch)):
-                    return
+                pending.append(frame)
+                if len(pending) == self._batch:
+                    if not self._hand_over(pending):
+                        return
+                    pending = []
+            if pending and not self._hand_over(pending):
+                return
             self._put(None)
         except BaseException as exc:  # surfaces in the consumer
             self._put(exc)
 
-    def __iter__(self) -> Iterator[tuple[Frame, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[list[Frame], np.ndarray]]:
         while True:
             item = self._queue.get()
             if item is None:
@@ -317,37 +337,43 @@ def run_loop(
     """Explain every frame the iterable yields and send the overlays to the sinks and the window.
 
     Headless, the work is pipelined so that inference runs back to back in this thread: a thread
-    preprocesses ahead, and a render thread explains, draws and hands overlays to the sinks (whose encoder
-    has a thread of its own). With a window, everything after inference happens here, because window calls
-    must stay on the main thread and keys (see ``view.KEY_HELP``) change what the next frame shows.
+    preprocesses ahead (a file's frames ``options.batch`` at a time), and a render thread explains, draws
+    and hands overlays to the sinks, in order (the encoder has a thread of its own). With a window,
+    everything after inference happens here, one frame at a time, because window calls must stay on the
+    main thread and keys (see ``view.KEY_HELP``) change what the next frame shows.
     """
     if window is None:
-        return _run_headless(model, frames, sinks, options, progress)
+        with single_threaded_opencv():  # its pool would compete with inference for the same cores
+            return _run_headless(model, frames, sinks, options, progress)
     return _run_windowed(model, frames, sinks, window, options, progress)
 
 
 class _Rate:
-    """FPS over N frames = (N - 1) / (t_last - t_first), and a smoothed rate for the HUD."""
+    """FPS over N frames = (N - n0) / (t_last - t_first), where the first n0 frames completed together at
+    t_first (n0 = 1 frame by frame: (N - 1) / (t_last - t_first); a whole batch when batched); and a
+    smoothed rate for the HUD."""
 
     def __init__(self) -> None:
         self.done = 0
+        self._first_count = 0
         self.first_at = self.last_at = 0.0
         self.shown = 0.0
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float, count: int = 1) -> None:
+        """``count`` frames completed at ``now``."""
         if self.done and now > self.last_at:  # the HUD's FPS: a smoothed frame-to-frame rate
-            instant = 1.0 / (now - self.last_at)
+            instant = count / (now - self.last_at)
             self.shown = instant if self.shown == 0 else 0.9 * self.shown + 0.1 * instant
-        self.done += 1
-        if self.done == 1:
-            self.first_at = now
+        if self.done == 0:
+            self.first_at, self._first_count = now, count
+        self.done += count
         self.last_at = now
 
     @property
     def fps(self) -> float:
-        if self.done < 2 or self.last_at <= self.first_at:
+        if self.done <= self._first_count or self.last_at <= self.first_at:
             return 0.0
-        return (self.done - 1) / (self.last_at - self.first_at)
+        return (self.done - self._first_count) / (self.last_at - self.first_at)
 
 
 def _run_headless(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink], options: RunOptions,
@@ -355,21 +381,28 @@ def _run_headless(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
     times = StageTimes()
     rate = _Rate()
     stopped_by = "end"
-    # A live source keeps only its newest frame; reading ahead of inference would bring the lag back.
-    depth = 1 if getattr(frames, "live", False) else 4
-    prefetch = _Prefetcher(frames, model.prepare_copy, times, queue_size=depth)
-    worker = _RenderWorker(model, sinks, options, times, queue_size=depth)
+    # A live source keeps only its newest frame: reading ahead of inference, or waiting to fill a batch,
+    # would bring the lag back.
+    live = getattr(frames, "live", False)
+    batch = 1 if live else model.batch_size(options.batch)
+    # Files: about 8 frames waiting on each side of inference (a 4K frame is 25 MB), whatever the batch.
+    depth = 1 if live else max(2, 8 // batch)
+    prefetch = _Prefetcher(frames, model.prepare_batch, times, batch=batch, queue_size=depth)
+    worker = _RenderWorker(model, sinks, options, times, queue_size=1 if live else max(8, 2 * batch))
     t_prev = time.perf_counter()
     try:
-        for frame, batch in prefetch:
+        for chunk, inputs in prefetch:
             t0 = time.perf_counter()
-            logits, features = model.forward(batch)
+            logits, features = model.forward(inputs)
             t1 = time.perf_counter()
-            worker.submit(frame, logits[0], features[0])
-            times.add("wait", t0 - t_prev)
-            times.add("inference", t1 - t0)
+            if options.max_frames is not None:
+                chunk = chunk[: options.max_frames - rate.done]
+            for i, frame in enumerate(chunk):
+                worker.submit(frame, logits[i], features[i])
+            times.add("wait", t0 - t_prev, len(chunk))
+            times.add("inference", t1 - t0, len(chunk))
             t_prev = time.perf_counter()
-            rate.tick(t_prev)
+            rate.tick(t_prev, len(chunk))
             if progress is not None:
                 progress.update(rate.done, rate.fps)
             if options.max_frames is not None and rate.done >= options.max_frames:

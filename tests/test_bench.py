@@ -35,6 +35,10 @@ def test_bench_writes_a_complete_report_and_a_chart(mnv2_int8_onnx, tmp_path, ca
             assert {"median_ms", "p95_ms"} <= set(stages[stage]), stage
         assert row["file_to_file"]["frames"] == 30
         assert 0 < row["ratios"]["file_to_file_vs_inference"]
+        # files are batched as `run` batches them; inference alone is also measured at that batch
+        assert row["batch"] == report["config"]["batch"] == 4
+        assert row["inference_batched"]["fps"] > 0 and row["inference_batched"]["batch"] == 4
+        assert 0 < row["ratios"]["file_to_file_vs_inference_batched"]
     # the same model twice: fidelity must be perfect
     fid = rows[1]["fidelity_vs_first"]
     assert fid["top1_agreement_pct"] == 100.0 and fid["map_r_median"] == pytest.approx(1.0)
@@ -45,7 +49,7 @@ def test_bench_writes_a_complete_report_and_a_chart(mnv2_int8_onnx, tmp_path, ca
     assert seed["fps"] > 0 and "pipeline_vs_seed" in rows[0]["ratios"]
     assert cv2.imread(str(out_png)) is not None
     table = capsys.readouterr().out
-    assert "infer FPS" in table and "seed (torch eager)" in table
+    assert "infer FPS" in table and "infer@batch" in table and "seed (torch eager)" in table
 
 
 @needs_shared
