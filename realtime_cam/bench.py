@@ -98,7 +98,11 @@ def bench_inference(model: CamModel, frames: list[np.ndarray], warmup: int, batc
     median/p95 are per call.
     """
     inputs = [model.prepare_batch(frames[i:i + batch]) for i in range(0, len(frames) - batch + 1, batch)]
-    calls_warm = max(1, warmup // batch)
+    calls_warm = -(-warmup // batch)  # at least the warm-up's frames
+    if len(inputs) - calls_warm < 2:
+        needed = (calls_warm + 2) * batch - warmup
+        raise CamError(f"--frames {len(frames) - warmup} is too few to time inference {batch} frame(s) per call "
+                       f"after a {warmup}-frame warm-up: use --frames {needed} or more")
     for x in inputs[:calls_warm]:
         model.forward(x)
     stamps, durations = [], []

@@ -159,10 +159,10 @@ class CamModel:
 
     def _batch_limit(self) -> int | None:
         """How many frames one forward may take: None (any number) when the batch dimension is dynamic and
-        a batch of 2 really runs, else 1 (some exported graphs declare a dynamic batch but reshape to 1)."""
-        declared = self._session.get_inputs()[0].shape[0]
-        if isinstance(declared, int) and declared > 0:
-            return declared
+        a batch of 2 really runs, else 1 (a fixed batch dimension is 1, since a single frame ran; some
+        graphs declare a dynamic batch but reshape to 1)."""
+        if isinstance(self._session.get_inputs()[0].shape[0], int):
+            return 1
         h, w = self.info.input_size_hw
         pair = np.zeros((2, 3, h, w), np.float32)
         try:

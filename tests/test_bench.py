@@ -60,3 +60,11 @@ def test_bench_without_the_seed_baseline_never_imports_torch(mnv2_int8_onnx, tmp
             "assert 'torch' not in sys.modules, 'bench imported torch'; print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+@needs_shared
+def test_too_few_frames_for_the_batch_is_one_line(mnv2_int8_onnx, capsys):
+    assert main(["bench", "--model", str(mnv2_int8_onnx), "--device", "cpu", "--frames", "2", "--warmup", "1",
+                 "--no-seed"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("realtime-cam: error: --frames 2 is too few") and "--frames 11 or more" in err
