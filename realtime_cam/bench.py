@@ -9,6 +9,7 @@ FPS over N frames is (N - 1) / (t_last - t_first), after a warm-up.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import tempfile
@@ -27,6 +28,7 @@ from .model import CamModel
 from .pipeline import DEFAULT_BATCH, RunOptions, median_p95, run_loop
 from .sinks import NullSink, VideoFileSink
 from .sources import CaptureSource, Frame, open_source
+from .threads import HELPER_CPU, usable_cores
 
 Log = Callable[[str], None]
 
@@ -91,36 +93,57 @@ def load_frames(source: str, count: int) -> list[np.ndarray]:
     return frames
 
 
+def check_enough_frames(frames: int, warmup: int, batches: Sequence[int]) -> None:
+    """Refuse, in one line, a frame count too small for two timed inference calls at each batch size."""
+    needed = max((math.ceil(warmup / b) + 2) * b - warmup for b in batches)
+    if frames < needed:
+        raise CamError(f"--frames {frames} is too few to time inference {max(batches)} frame(s) per call after a "
+                       f"{warmup}-frame warm-up: use --frames {needed} or more")
+
+
+def cpu_per_frame(process_seconds: float, helpers: dict[str, float], frames: int) -> dict[str, float]:
+    """CPU milliseconds per frame: the whole process, each helper thread's role, and the rest.
+
+    The rest ("inference_and_loop") is ONNX Runtime's threads and the loop's own thread.
+    """
+    per = 1000.0 / max(1, frames)
+    out = {"total": process_seconds * per, "inference_and_loop": (process_seconds - sum(helpers.values())) * per}
+    out.update({role: seconds * per for role, seconds in sorted(helpers.items())})
+    return out
+
+
 def bench_inference(model: CamModel, frames: list[np.ndarray], warmup: int, batch: int = 1) -> dict:
     """Inference alone on prepared inputs, ``batch`` frames per call: what the hardware and the runtime can do.
 
     FPS counts frames: (frames after the first call) / (time from the first call's end to the last one's);
-    median/p95 are per call.
+    median/p95 are per call; CPU is the process's, per timed frame.
     """
+    check_enough_frames(len(frames) - warmup, warmup, (batch,))
+    calls_warm = math.ceil(warmup / batch)
     inputs = [model.prepare_batch(frames[i:i + batch]) for i in range(0, len(frames) - batch + 1, batch)]
-    calls_warm = -(-warmup // batch)  # at least the warm-up's frames
-    if len(inputs) - calls_warm < 2:
-        needed = (calls_warm + 2) * batch - warmup
-        raise CamError(f"--frames {len(frames) - warmup} is too few to time inference {batch} frame(s) per call "
-                       f"after a {warmup}-frame warm-up: use --frames {needed} or more")
     for x in inputs[:calls_warm]:
         model.forward(x)
     stamps, durations = [], []
+    cpu0 = time.process_time()
     for x in inputs[calls_warm:]:
         t0 = time.perf_counter()
         model.forward(x)
         t1 = time.perf_counter()
         stamps.append(t1)
         durations.append((t1 - t0) * 1000.0)
-    return {"fps": fps_of(stamps) * batch, "batch": batch, **median_p95(durations)}
+    cpu_ms = (time.process_time() - cpu0) * 1000.0 / (len(stamps) * batch)
+    return {"fps": fps_of(stamps) * batch, "batch": batch, **median_p95(durations), "cpu_ms_per_frame": cpu_ms}
 
 
 def bench_pipeline_memory(model: CamModel, frames: list[np.ndarray], warmup: int, options: RunOptions) -> dict:
     """The whole loop (preprocess, inference, CAM, overlay) on frames already in memory, output dropped."""
     run_loop(model, (Frame(i, f, 0.0) for i, f in enumerate(frames[:warmup])), sinks=[NullSink()], options=options)
+    HELPER_CPU.take()
+    cpu0 = time.process_time()
     result = run_loop(model, (Frame(i, f, time.perf_counter()) for i, f in enumerate(frames[warmup:])),
                       sinks=[NullSink()], options=options)
-    return {"fps": result.fps, "stages": result.stage_ms}
+    cpu = cpu_per_frame(time.process_time() - cpu0, HELPER_CPU.take(), result.frames)
+    return {"fps": result.fps, "stages": result.stage_ms, "cpu_ms_per_frame": cpu}
 
 
 def bench_file_to_file(model: CamModel, source: str, count: int, out_dir: Path, options: RunOptions) -> dict:
@@ -130,16 +153,19 @@ def bench_file_to_file(model: CamModel, source: str, count: int, out_dir: Path, 
     measurements before); a file shorter than ``count`` frames gives fewer.
     """
     out = out_dir / "bench-output.mp4"
+    HELPER_CPU.take()
+    cpu0 = time.process_time()
     with open_source(source) as src, VideoFileSink(out, src.fps, src.size_wh) as sink:
         result = run_loop(model, src, sinks=[sink], options=replace(options, max_frames=count))
         decode = list(src.decode_ms) if isinstance(src, CaptureSource) else []
+    cpu = cpu_per_frame(time.process_time() - cpu0, HELPER_CPU.take(), result.frames)
     stages = dict(result.stage_ms)
     if decode:
         stages["decode"] = median_p95(decode)
     if sink.encode_ms:
         stages["encode"] = median_p95(list(sink.encode_ms))
     out.unlink(missing_ok=True)
-    return {"fps": result.fps, "frames": result.frames, "stages": stages}
+    return {"fps": result.fps, "frames": result.frames, "stages": stages, "cpu_ms_per_frame": cpu}
 
 
 def bench_seed(model: CamModel, frames: list[np.ndarray], device: str, warmup: int) -> dict | None:
@@ -171,6 +197,7 @@ def environment() -> dict:
         "realtime_cam": __version__, "python": platform.python_version(), "numpy": np.__version__,
         "opencv": cv2.__version__, "onnxruntime": ort.__version__,
         "onnxruntime_providers": ort.get_available_providers(), "cpu": cpu, "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),
         "opencv_threads": cv2.getNumThreads(), "platform": platform.platform(),
     }
     from importlib import metadata
@@ -188,6 +215,7 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict:
                                "devices": list(config.devices), "frames": config.frames,
                                "warmup": config.warmup, "batch": config.batch},
                     "environment": environment(), "results": [], "skipped": []}
+    check_enough_frames(config.frames, config.warmup, (1, config.batch))  # before any work is done
     with tempfile.TemporaryDirectory(prefix="realtime-cam-bench-") as tmp:
         tmp_dir = Path(tmp)
         source = config.source or str(synthetic_video(tmp_dir / "synthetic.mp4", config.frames + config.warmup))
@@ -278,6 +306,10 @@ def format_table(report: dict) -> str:
                                                  if k in ("decode", "encode")}}
         parts = [f"{k} {v['median_ms']:.2f}/{v['p95_ms']:.2f}" for k, v in stages.items() if k != "wait"]
         stage_lines.append(f"  {Path(r['model']).name} [{r['device']}] ms median/p95: " + ", ".join(parts))
+        cpu = r["file_to_file"].get("cpu_ms_per_frame")
+        if cpu:
+            stage_lines.append(f"  {Path(r['model']).name} [{r['device']}] CPU ms per frame, file to file: "
+                               + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
     return "\n".join(lines + ["", "per stage:"] + stage_lines)
 
 

@@ -16,6 +16,7 @@ from .cams import METHODS
 from .cliutil import (
     HelpFormatter,
     add_debug_flag,
+    batch_count,
     device_list,
     fraction,
     non_negative_int,
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "rate, or an image (.png .jpg) for an image source")
     run.add_argument("--no-display", action="store_true", help="no window (headless; use with --output)")
     run.add_argument("--max-frames", type=positive_int, default=None, help="stop after N frames")
-    run.add_argument("--batch", type=positive_int, default=DEFAULT_BATCH, metavar="N",
+    run.add_argument("--batch", type=batch_count, default=DEFAULT_BATCH, metavar="N",
                      help="--no-display on a video file: frames per inference call (more frames per second; "
                           "1 = frame by frame). Live sources and the window always go one frame at a time")
     run.add_argument("--class", dest="class_name", default=None, metavar="NAME|ID",
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated devices; one that cannot run is reported as skipped")
     bench.add_argument("--frames", type=positive_int, default=300, help="frames per measurement")
     bench.add_argument("--warmup", type=positive_int, default=20, help="untimed frames before each measurement")
-    bench.add_argument("--batch", type=positive_int, default=DEFAULT_BATCH, metavar="N",
+    bench.add_argument("--batch", type=batch_count, default=DEFAULT_BATCH, metavar="N",
                        help="frames per inference call in the loop and file measurements (as `run` batches a "
                             "file); inference alone is measured frame by frame and at N")
     bench.add_argument("--json", type=Path, default=None, help="write the full report as JSON")

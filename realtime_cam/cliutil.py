@@ -55,6 +55,17 @@ def positive_int(text: str) -> int:
     return _at_least(text, int, 1, "at least 1")
 
 
+MAX_BATCH = 64
+
+
+def batch_count(text: str) -> int:
+    """Frames per inference call: 1 to MAX_BATCH (a batch of 4K frames in flight is 100 MB per 4 frames)."""
+    value = positive_int(text)
+    if value > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_BATCH}, got {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     return _at_least(text, int, 0, "0 or more")
 

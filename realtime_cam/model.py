@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -135,7 +136,6 @@ class CamModel:
             log.warning("CUDA provider is installed but did not start; running on CPU")
         self._input_name = self._session.get_inputs()[0].name
         self._check_shapes()
-        self.max_batch = self._batch_limit()
         self._preprocess = Preprocessor(
             self.info.input_size_hw, self.info.mean, self.info.std, self.info.channel_order
         )
@@ -157,24 +157,31 @@ class CamModel:
         if logits.shape != (1, k):
             raise ModelError(f"'logits' must be [N, {k}] for this head; the model gives {list(logits.shape)}")
 
-    def _batch_limit(self) -> int | None:
-        """How many frames one forward may take: None (any number) when the batch dimension is dynamic and
-        a batch of 2 really runs, else 1 (a fixed batch dimension is 1, since a single frame ran; some
-        graphs declare a dynamic batch but reshape to 1)."""
+    @functools.cached_property
+    def max_batch(self) -> int | None:
+        """How many frames one forward may take: None for any number, else 1.
+
+        A fixed batch dimension is 1 (a single frame ran at load). A dynamic one is tried once, on a batch
+        of 2, the first time it matters: some graphs declare a dynamic batch but reshape to 1.
+        """
         if isinstance(self._session.get_inputs()[0].shape[0], int):
             return 1
         h, w = self.info.input_size_hw
-        pair = np.zeros((2, 3, h, w), np.float32)
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # a refusal is an answer here, not an error to print
         try:
-            logits, features = self._session.run([LOGITS, FEATURES], {self._input_name: pair})
+            logits, features = self._session.run(
+                [LOGITS, FEATURES], {self._input_name: np.zeros((2, 3, h, w), np.float32)}, quiet)
         except Exception as exc:  # the model is still usable one frame at a time
             log.debug("%s does not run on a batch of 2 (%s): one frame at a time", self.path, exc)
             return 1
         return None if logits.shape[0] == 2 and features.shape[0] == 2 else 1
 
     def batch_size(self, wanted: int) -> int:
-        """``wanted`` frames per forward, or fewer when the model's batch dimension is fixed."""
-        return max(1, wanted if self.max_batch is None else min(wanted, self.max_batch))
+        """``wanted`` frames per forward, or 1 when the model cannot take more than one."""
+        if wanted <= 1:
+            return 1
+        return wanted if self.max_batch is None else min(wanted, self.max_batch)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -212,8 +219,10 @@ class CamModel:
         return self._preprocess(as_bgr(frame_bgr))
 
     def prepare_batch(self, frames_bgr: Sequence[np.ndarray]) -> np.ndarray:
-        """The model's input for several frames, in a new [N, 3, H, W] float32 array: for preprocessing ahead
-        of inference in another thread, and for batched inference on files."""
+        """The model's input for several frames, in a new [N, 3, H, W] float32 array.
+
+        For preprocessing ahead of inference in another thread, and for batched inference on files.
+        """
         h, w = self.info.input_size_hw
         batch = np.empty((len(frames_bgr), 3, h, w), np.float32)
         for i, frame in enumerate(frames_bgr):

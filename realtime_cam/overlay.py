@@ -35,8 +35,11 @@ class OverlayStyle:
 
 @functools.lru_cache(maxsize=None)
 def colormap_table(colormap: int) -> np.ndarray:
-    """The 256x1x3 BGR table of an OpenCV colormap. OpenCV rebuilds it on every applyColorMap call with a
-    colormap id; passing the table instead gives the same pixels in half the time (0.14 vs 0.28 ms at 640x360)."""
+    """The 256x1x3 BGR table of an OpenCV colormap.
+
+    OpenCV rebuilds it on every applyColorMap call given a colormap id; given the table instead, it makes the
+    same pixels in half the time (0.14 instead of 0.28 ms at 640x360).
+    """
     table = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(256, 1), colormap)
     table.flags.writeable = False
     return table

@@ -24,7 +24,7 @@ from .progress import Progress
 from .sinks import Sink, VideoFileSink, WindowSink
 from .sources import Frame
 from .temporal import TemporalFilter, TemporalOptions, flicker
-from .threads import lower_this_threads_priority, single_threaded_opencv
+from .threads import HELPER_CPU, lower_this_threads_priority, single_threaded_opencv
 from .view import KEY_HELP, QUIT, RECORD, SNAPSHOT, ViewState, handle_key
 
 STAGES = ("wait", "preprocess", "inference", "cam", "overlay", "output")
@@ -81,9 +81,9 @@ class StageTimes:
     def __init__(self, stages: Sequence[str] = STAGES, keep: int = 10_000) -> None:
         self._ms = {name: collections.deque(maxlen=keep) for name in stages}
 
-    def add(self, stage: str, seconds: float, frames: int = 1) -> None:
-        """Time spent on ``frames`` frames at once (a batch): each frame gets an equal share."""
-        self._ms[stage].extend([seconds * 1000.0 / frames] * frames)
+    def add(self, stage: str, seconds: float, count: int = 1) -> None:
+        """Time spent on ``count`` frames at once (a batch): each frame gets an equal share."""
+        self._ms[stage].extend([seconds * 1000.0 / count] * count)
 
     def summary(self) -> dict[str, dict[str, float]]:
         """{stage: {"median_ms": .., "p95_ms": ..}} over the frames kept."""
@@ -175,6 +175,7 @@ class _Prefetcher:
         return not self._stop.is_set()
 
     def _hand_over(self, frames: list[Frame]) -> bool:
+        """Preprocess a batch and queue it; False once the consumer has closed."""
         t0 = time.perf_counter()
         inputs = self._prepare([frame.image_bgr for frame in frames])
         self._times.add("preprocess", time.perf_counter() - t0, len(frames))
@@ -182,8 +183,8 @@ class _Prefetcher:
 
     def _loop(self) -> None:
         lower_this_threads_priority()
+        pending: list[Frame] = []
         try:
-            pending: list[Frame] = []
             for frame in self._frames:
                 pending.append(frame)
                 if len(pending) == self._batch:
@@ -193,8 +194,15 @@ class _Prefetcher:
             if pending and not self._hand_over(pending):
                 return
             self._put(None)
-        except BaseException as exc:  # surfaces in the consumer
+        except BaseException as exc:  # surfaces in the consumer, after the frames read before it
+            if pending:
+                try:
+                    self._hand_over(pending)
+                except BaseException:  # noqa: BLE001 - the first error is the one to report
+                    pass
             self._put(exc)
+        finally:
+            HELPER_CPU.add_this_thread("preprocess")
 
     def __iter__(self) -> Iterator[tuple[list[Frame], np.ndarray]]:
         while True:
@@ -240,6 +248,12 @@ class _RenderWorker:
 
     def _loop(self) -> None:
         lower_this_threads_priority()
+        try:
+            self._drain()
+        finally:
+            HELPER_CPU.add_this_thread("render")
+
+    def _drain(self) -> None:
         view = self._options.view
         while True:
             item = self._queue.get()
@@ -349,9 +363,11 @@ def run_loop(
 
 
 class _Rate:
-    """FPS over N frames = (N - n0) / (t_last - t_first), where the first n0 frames completed together at
-    t_first (n0 = 1 frame by frame: (N - 1) / (t_last - t_first); a whole batch when batched); and a
-    smoothed rate for the HUD."""
+    """Frames per second over a run, and a smoothed rate for the HUD.
+
+    FPS over N frames = (N - n0) / (t_last - t_first), where the first n0 frames completed together at
+    t_first: frame by frame that is (N - 1) / (t_last - t_first); batched, n0 is the first batch.
+    """
 
     def __init__(self) -> None:
         self.done = 0
@@ -385,10 +401,13 @@ def _run_headless(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
     # would bring the lag back.
     live = getattr(frames, "live", False)
     batch = 1 if live else model.batch_size(options.batch)
-    # Files: about 8 frames waiting on each side of inference (a 4K frame is 25 MB), whatever the batch.
-    depth = 1 if live else max(2, 8 // batch)
+    if options.max_frames is not None:  # at least two batches, so that the run has a rate to report
+        batch = min(batch, max(1, options.max_frames // 2))
+    # Files: about 8 frames queued on each side of inference (a 4K frame is 25 MB), plus the batch being
+    # inferred and the one being gathered.
+    depth = 1 if live else max(1, 8 // batch)
     prefetch = _Prefetcher(frames, model.prepare_batch, times, batch=batch, queue_size=depth)
-    worker = _RenderWorker(model, sinks, options, times, queue_size=1 if live else max(8, 2 * batch))
+    worker = _RenderWorker(model, sinks, options, times, queue_size=1 if live else 8)
     t_prev = time.perf_counter()
     try:
         for chunk, inputs in prefetch:
@@ -443,9 +462,9 @@ def _run_windowed(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
     try:
         for frame in frames:
             t0 = time.perf_counter()
-            batch = model.prepare(frame.image_bgr)
+            inputs = model.prepare(frame.image_bgr)
             t1 = time.perf_counter()
-            logits, features = model.forward(batch)
+            logits, features = model.forward(inputs)
             t2 = time.perf_counter()
             prediction = explain_frame(model, logits[0], features[0], view, temporal)
             meter.add(prediction.cam)

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from .errors import SinkError
-from .threads import lower_this_threads_priority
+from .threads import HELPER_CPU, lower_this_threads_priority
 
 # Container -> codec OpenCV's bundled FFmpeg writes without extra libraries.
 VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
@@ -127,19 +127,22 @@ class VideoFileSink(Sink):
 
     def _encode_loop(self) -> None:
         lower_this_threads_priority()
-        while True:
-            image = self._queue.get()
-            if image is None:
-                return
-            if self._error is not None:
-                continue  # keep draining so a blocked write() returns; the error surfaces there
-            try:
-                t0 = time.perf_counter()
-                self._writer.write(image)
-                self.encode_ms.append((time.perf_counter() - t0) * 1000.0)
-                self.frames_written += 1
-            except BaseException as exc:
-                self._error = exc
+        try:
+            while True:
+                image = self._queue.get()
+                if image is None:
+                    return
+                if self._error is not None:
+                    continue  # keep draining so a blocked write() returns; the error surfaces there
+                try:
+                    t0 = time.perf_counter()
+                    self._writer.write(image)
+                    self.encode_ms.append((time.perf_counter() - t0) * 1000.0)
+                    self.frames_written += 1
+                except BaseException as exc:
+                    self._error = exc
+        finally:
+            HELPER_CPU.add_this_thread("encode")
 
     def write(self, image_bgr: np.ndarray) -> None:
         if self._error is not None:

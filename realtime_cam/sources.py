@@ -22,17 +22,13 @@ import numpy as np
 
 from .errors import SourceError
 from .preprocess import as_bgr
-from .threads import lower_this_threads_priority
+from .threads import HELPER_CPU, few_cores, lower_this_threads_priority
 
 log = logging.getLogger("realtime_cam")
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jp2"}
 URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 POLICIES = ("latest", "queue")
-# On up to this many cores, a video file is decoded by one thread: inference already keeps every core busy, and
-# FFmpeg's frame threads (started at normal priority when the file is opened) would take cores from it for
-# nothing. Measured on 2 cores: 640x360 H.264 costs 0.24 ms of CPU per frame on one thread, 0.66 ms on two.
-FEW_CORES = 4
 
 
 @dataclass(frozen=True)
@@ -238,6 +234,7 @@ class CaptureSource(FrameSource):
             # Once started, this thread owns the capture: it alone may release it, after its last read
             # (a stalled network read can outlast close()'s wait).
             self._cap.release()
+            HELPER_CPU.add_this_thread("capture")
             self._buffer.finish(error)
 
     def _reopen(self) -> np.ndarray | None:
@@ -330,8 +327,9 @@ def _open_image(spec: str, reconnect: int = 0) -> FrameSource:
 
 
 def file_decode_params() -> list[int]:
-    """VideoCapture open parameters for a video file: one decoding thread on a machine with few cores."""
-    return [cv2.CAP_PROP_N_THREADS, 1] if (os.cpu_count() or 1) <= FEW_CORES else []
+    """VideoCapture open parameters for a video file: one decoding thread on a machine with few cores
+    (see ``threads.FEW_CORES``), FFmpeg's choice otherwise."""
+    return [cv2.CAP_PROP_N_THREADS, 1] if few_cores() else []
 
 
 def _open_video(spec: str, reconnect: int = 0) -> FrameSource:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from typing import Iterator
 
 import cv2
@@ -27,17 +28,76 @@ def lower_this_threads_priority(niceness: int = WORKER_NICENESS) -> None:
         pass
 
 
+# On up to this many cores inference keeps every core busy, so helper work is best done by one thread each,
+# without OpenCV's or FFmpeg's own thread pools (their threads start at normal priority and take cores from
+# inference for nothing). Measured on 2 cores: drawing an overlay costs 0.45 ms of CPU without OpenCV's pool,
+# 0.78 ms with it; decoding a 640x360 H.264 frame 0.24 ms on one FFmpeg thread, 0.66 ms on two.
+FEW_CORES = 4
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def few_cores() -> bool:
+    """True when inference and the helper threads compete for the same few cores (see FEW_CORES)."""
+    return usable_cores() <= FEW_CORES
+
+
+_opencv_lock = threading.Lock()
+_opencv_users = 0
+_opencv_previous = 0
+
+
 @contextlib.contextmanager
 def single_threaded_opencv() -> Iterator[None]:
-    """OpenCV's own thread pool off for a while (process-wide), then back as it was.
+    """OpenCV's own thread pool off while a pipelined run needs the cores, on machines with few cores.
 
-    In a pipelined run the cores are already shared between inference and the helper threads; OpenCV
-    splitting a resize or a colour map over more threads only adds hand-offs (measured on 2 cores: drawing
-    an overlay costs 0.78 ms of CPU with the pool, 0.45 ms without).
+    OpenCV's setting is process-wide, so this is reference-counted: the pool comes back, as it was, when
+    the last run that turned it off ends.
     """
-    previous = cv2.getNumThreads()
-    cv2.setNumThreads(1)
+    global _opencv_users, _opencv_previous
+    if not few_cores():
+        yield
+        return
+    with _opencv_lock:
+        if _opencv_users == 0:
+            _opencv_previous = cv2.getNumThreads()
+            cv2.setNumThreads(1)
+        _opencv_users += 1
     try:
         yield
     finally:
-        cv2.setNumThreads(previous)
+        with _opencv_lock:
+            _opencv_users -= 1
+            if _opencv_users == 0:
+                cv2.setNumThreads(_opencv_previous)
+
+
+class HelperCpu:
+    """CPU time used by the helper threads (capture, preprocess, render, encode), per role, in seconds.
+
+    Each helper thread adds its own total when it ends, so that ``bench`` can say where the CPU went.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seconds: dict[str, float] = {}
+
+    def add_this_thread(self, role: str) -> None:
+        """Add the calling thread's CPU time so far under ``role`` (call it as the thread ends)."""
+        with self._lock:
+            self._seconds[role] = self._seconds.get(role, 0.0) + time.thread_time()
+
+    def take(self) -> dict[str, float]:
+        """The totals since the last take, and start again from zero."""
+        with self._lock:
+            seconds, self._seconds = self._seconds, {}
+        return seconds
+
+
+HELPER_CPU = HelperCpu()

@@ -20,7 +20,7 @@ def test_bench_writes_a_complete_report_and_a_chart(mnv2_int8_onnx, tmp_path, ca
     report = json.loads(out_json.read_text())
     env = report["environment"]
     for key in ("realtime_cam", "python", "numpy", "opencv", "onnxruntime", "onnxruntime_providers", "cpu",
-                "cpu_count", "opencv_threads"):
+                "cpu_count", "usable_cores", "opencv_threads"):
         assert key in env, key
     assert report["config"]["frames"] == 30 and report["config"]["source_size_wh"] == [640, 360]
     rows = [r for r in report["results"] if r["device"] == "cpu"]
@@ -39,6 +39,12 @@ def test_bench_writes_a_complete_report_and_a_chart(mnv2_int8_onnx, tmp_path, ca
         assert row["batch"] == report["config"]["batch"] == 4
         assert row["inference_batched"]["fps"] > 0 and row["inference_batched"]["batch"] == 4
         assert 0 < row["ratios"]["file_to_file_vs_inference_batched"]
+        # where the CPU went: the helper threads by role, and the rest (inference and the loop's thread)
+        cpu = row["file_to_file"]["cpu_ms_per_frame"]
+        assert {"total", "inference_and_loop", "capture", "preprocess", "render", "encode"} <= set(cpu)
+        assert cpu["total"] == pytest.approx(sum(v for k, v in cpu.items() if k != "total"))
+        assert all(v > 0 for v in cpu.values())
+        assert row["inference"]["cpu_ms_per_frame"] > 0
     # the same model twice: fidelity must be perfect
     fid = rows[1]["fidelity_vs_first"]
     assert fid["top1_agreement_pct"] == 100.0 and fid["map_r_median"] == pytest.approx(1.0)
@@ -68,3 +74,15 @@ def test_too_few_frames_for_the_batch_is_one_line(mnv2_int8_onnx, capsys):
                  "--no-seed"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("realtime-cam: error: --frames 2 is too few") and "--frames 11 or more" in err
+
+
+@needs_shared
+def test_bench_frame_by_frame_has_no_batched_figures(mnv2_int8_onnx, tmp_path, capsys):
+    out_json = tmp_path / "b.json"
+    assert main(["bench", "--model", str(mnv2_int8_onnx), "--device", "cpu", "--frames", "6", "--warmup", "2",
+                 "--batch", "1", "--no-seed", "--json", str(out_json)]) == 0
+    row = json.loads(out_json.read_text())["results"][0]
+    assert row["batch"] == 1 and "inference_batched" not in row
+    assert set(row["ratios"]) == {"file_to_file_vs_inference"}
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith(mnv2_int8_onnx.name))
+    assert line.split()[2:5] == ["1", row["inference"]["fps"].__format__(".1f"), "-"]

@@ -87,7 +87,8 @@ def test_user_mistakes_get_one_line_and_exit_code_2(argv, match, capsys, resnet1
 
 
 @pytest.mark.parametrize("argv", [["run", "--alpha", "2"], ["run", "--max-frames", "0"],
-                                  ["run", "--method", "nope"], ["export", "--input-size", "0", "3"]])
+                                  ["run", "--method", "nope"], ["export", "--input-size", "0", "3"],
+                                  ["run", "--batch", "65"], ["bench", "--batch", "0"]])
 def test_out_of_range_options_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)

@@ -1,15 +1,18 @@
-"""The headless pipeline on files: batched inference keeps every frame, in order, with the same result."""
+"""The headless pipeline: files are inferred a batch at a time, yet every frame is written, once, in order."""
 
 import cv2
 import numpy as np
 import onnx
 import pytest
+from onnx import helper, numpy_helper
 
 from conftest import needs_shared, shared
 from realtime_cam import CamModel
+from realtime_cam import threads
 from realtime_cam.pipeline import RunOptions, _Rate, run_loop
 from realtime_cam.sinks import Sink
-from realtime_cam.sources import Frame, open_source
+from realtime_cam.sources import Frame, file_decode_params, open_source
+from realtime_cam.view import ViewState
 
 
 class Collect(Sink):
@@ -25,6 +28,20 @@ def mnv2(mnv2_int8_onnx):
     return CamModel(mnv2_int8_onnx, device="cpu")
 
 
+@pytest.fixture
+def calls(mnv2, monkeypatch):
+    """The batch sizes the model's forward is called with."""
+    sizes = []
+    real = mnv2.forward
+
+    def counting(inputs):
+        sizes.append(len(inputs))
+        return real(inputs)
+
+    monkeypatch.setattr(mnv2, "forward", counting)
+    return sizes
+
+
 def run_file(model, batch, max_frames=None):
     sink = Collect()
     with open_source(str(shared("videos", "bottle-detection.mp4"))) as src:
@@ -32,13 +49,29 @@ def run_file(model, batch, max_frames=None):
     return result, sink.images
 
 
+def numbered_frames(n, live=False):
+    """Frames whose brightness says their index (a list iterator, or a 'live' one)."""
+    frames = [Frame(i, np.full((240, 320, 3), 10 * i, np.uint8), 0.0) for i in range(n)]
+
+    class Live:
+        live = True
+
+        def __iter__(self):
+            return iter(frames)
+
+    return Live() if live else iter(frames)
+
+
 @needs_shared
-def test_batched_file_run_writes_every_frame_in_order_as_frame_by_frame_does(mnv2):
-    # 23 frames: five batches of 4 and a last one of 3
+def test_batched_file_run_writes_every_frame_in_order_as_frame_by_frame_does(mnv2, calls):
+    assert mnv2.batch_size(4) == 4
     one, by_one = run_file(mnv2, batch=1, max_frames=23)
+    assert set(calls) == {1}
+    calls.clear()
     four, by_four = run_file(mnv2, batch=4, max_frames=23)
+    assert calls == [4] * 6                          # the sixth batch is cut to 3 frames by --max-frames
     assert one.frames == four.frames == len(by_one) == len(by_four) == 23
-    assert four.stopped_by == "max-frames"
+    assert four.stopped_by == "max-frames" and four.fps > 0
     for i, (a, b) in enumerate(zip(by_one, by_four)):
         # Same frame, same class, same map: batching may move a colour by a level through float rounding.
         diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
@@ -49,19 +82,80 @@ def test_batched_file_run_writes_every_frame_in_order_as_frame_by_frame_does(mnv
 
 
 @needs_shared
-def test_whole_file_with_a_short_last_batch(mnv2):
+def test_whole_file_with_a_short_last_batch(mnv2, calls):
     with open_source(str(shared("videos", "bottle-detection.mp4"))) as src:
         total = sum(1 for _ in src)
     assert total % 8 != 0
     result, images = run_file(mnv2, batch=8)
     assert result.frames == len(images) == total and result.stopped_by == "end"
+    assert calls == [8] * (total // 8) + [total % 8]
 
 
 @needs_shared
-def test_the_headless_run_leaves_opencvs_thread_count_as_it_was(mnv2):
+def test_frames_from_memory_are_batched_in_order(mnv2, calls):
+    sink = Collect()
+    no_heatmap = RunOptions(batch=3, view=ViewState(alpha=0.0))   # the overlay is the frame (plus labels)
+    result = run_loop(mnv2, numbered_frames(7), sinks=[sink], options=no_heatmap)
+    assert calls == [3, 3, 1]
+    assert result.frames == len(sink.images) == 7
+    assert [int(img[200:, 280:].mean()) for img in sink.images] == [10 * i for i in range(7)]
+
+
+@needs_shared
+def test_a_live_source_is_never_batched(mnv2, calls):
+    result = run_loop(mnv2, numbered_frames(6, live=True), sinks=[Collect()], options=RunOptions(batch=4))
+    assert calls == [1] * 6 and result.frames == 6
+
+
+@needs_shared
+def test_max_frames_below_the_batch_still_reports_a_rate(mnv2, calls):
+    result = run_loop(mnv2, numbered_frames(10), sinks=[Collect()], options=RunOptions(batch=4, max_frames=3))
+    assert result.frames == 3 and result.fps > 0 and sum(calls) == 3
+
+
+@needs_shared
+def test_frames_read_before_a_source_error_are_still_written(mnv2):
+    def breaking():
+        for i in range(6):
+            yield Frame(i, np.full((48, 64, 3), 10 * i, np.uint8), 0.0)
+        raise RuntimeError("the source broke")
+
+    sink = Collect()
+    with pytest.raises(RuntimeError, match="the source broke"):
+        run_loop(mnv2, breaking(), sinks=[sink], options=RunOptions(batch=4))
+    assert len(sink.images) == 6        # the second batch had 2 frames when the error came
+
+
+@needs_shared
+def test_opencv_runs_single_threaded_during_a_run_and_comes_back(mnv2, monkeypatch):
+    monkeypatch.setattr(threads, "few_cores", lambda: True)
     before = cv2.getNumThreads()
-    run_file(mnv2, batch=4, max_frames=5)
-    assert cv2.getNumThreads() == before
+    cv2.setNumThreads(3)
+    seen = []
+    try:
+        class Spy(Sink):
+            def write(self, image_bgr):
+                seen.append(cv2.getNumThreads())
+
+        run_loop(mnv2, numbered_frames(4), sinks=[Spy()])
+        assert seen and set(seen) == {1} and cv2.getNumThreads() == 3
+
+        class Failing(Sink):
+            def write(self, image_bgr):
+                raise OSError("disk full")
+
+        with pytest.raises(OSError, match="disk full"):
+            run_loop(mnv2, numbered_frames(4), sinks=[Failing()])
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)
+
+
+def test_files_are_decoded_by_one_thread_only_on_few_cores(monkeypatch):
+    monkeypatch.setattr("realtime_cam.sources.few_cores", lambda: True)
+    assert file_decode_params() == [cv2.CAP_PROP_N_THREADS, 1]
+    monkeypatch.setattr("realtime_cam.sources.few_cores", lambda: False)
+    assert file_decode_params() == []
 
 
 @needs_shared
@@ -75,6 +169,26 @@ def test_a_model_with_a_fixed_batch_of_one_runs_frame_by_frame(mnv2_int8_onnx, t
     assert model.max_batch == 1 and model.batch_size(4) == 1
     result, images = run_file(model, batch=4, max_frames=6)
     assert result.frames == len(images) == 6
+
+
+@needs_shared
+def test_a_dynamic_batch_that_only_runs_one_frame_is_found_quietly(mnv2_int8_onnx, tmp_path, capfd):
+    # Declares a dynamic batch, but a Reshape to [1, 3, 224, 224] right after the input refuses 2 frames.
+    proto = onnx.load(str(mnv2_int8_onnx))
+    name = proto.graph.input[0].name
+    for node in proto.graph.node:
+        node.input[:] = ["one_frame" if i == name else i for i in node.input]
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([1, 3, 224, 224], np.int64), "one_shape"))
+    proto.graph.node.insert(0, helper.make_node("Reshape", [name, "one_shape"], ["one_frame"]))
+    path = tmp_path / "reshapes-to-one.onnx"
+    onnx.save(proto, str(path))
+    model = CamModel(path, device="cpu")
+    assert not isinstance(model._session.get_inputs()[0].shape[0], int)
+    capfd.readouterr()
+    assert model.batch_size(4) == 1
+    assert "onnxruntime" not in capfd.readouterr().err   # a refusal is an answer, not an error to print
+    result, images = run_file(model, batch=4, max_frames=5)
+    assert result.frames == len(images) == 5
 
 
 @needs_shared
@@ -99,12 +213,3 @@ def test_frames_per_second_counts_a_first_batch_as_its_start():
     single = _Rate()
     single.tick(1.0, 4)
     assert single.fps == 0.0
-
-
-@needs_shared
-def test_frames_from_memory_are_batched_too(mnv2):
-    frames = [Frame(i, np.full((48, 64, 3), 20 * i, np.uint8), 0.0) for i in range(7)]
-    sink = Collect()
-    result = run_loop(mnv2, iter(frames), sinks=[sink], options=RunOptions(batch=3))
-    assert result.frames == len(sink.images) == 7
-    assert [img.shape for img in sink.images] == [(48, 64, 3)] * 7
