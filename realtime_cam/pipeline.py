@@ -28,8 +28,9 @@ from .threads import HELPER_CPU, lower_this_threads_priority, single_threaded_op
 from .view import KEY_HELP, QUIT, RECORD, SNAPSHOT, ViewState, handle_key
 
 STAGES = ("wait", "preprocess", "inference", "cam", "overlay", "output")
-# Frames per inference call for a file (RunOptions.batch). On 2 cores ResNet18 runs 119 FPS frame by frame,
-# 127-134 at 4 and 132-135 at 8 (bench, inference alone): 4 takes most of the gain with little memory.
+# Frames per inference call for a file (RunOptions.batch). On 2 cores ResNet18 inference alone ran 115-121 FPS
+# frame by frame, 125-134 at 4 and 132-135 at 8 over several runs, and file to file was no faster at 8 than
+# at 4: 4 takes the gain with little memory.
 DEFAULT_BATCH = 4
 log = logging.getLogger("realtime_cam")
 
