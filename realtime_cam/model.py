@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -136,6 +135,7 @@ class CamModel:
             log.warning("CUDA provider is installed but did not start; running on CPU")
         self._input_name = self._session.get_inputs()[0].name
         self._check_shapes()
+        self._batch_runs: dict[int, bool] = {}  # batch size -> the model runs it (see batch_size)
         self._preprocess = Preprocessor(
             self.info.input_size_hw, self.info.mean, self.info.std, self.info.channel_order
         )
@@ -157,31 +157,33 @@ class CamModel:
         if logits.shape != (1, k):
             raise ModelError(f"'logits' must be [N, {k}] for this head; the model gives {list(logits.shape)}")
 
-    @functools.cached_property
-    def max_batch(self) -> int | None:
-        """How many frames one forward may take: None for any number, else 1.
+    def batch_size(self, wanted: int) -> int:
+        """``wanted`` frames per forward when the model takes that many at once, else 1.
 
-        A fixed batch dimension is 1 (a single frame ran at load). A dynamic one is tried once, on a batch
-        of 2, the first time it matters: some graphs declare a dynamic batch but reshape to 1.
+        A fixed batch dimension is 1 (a single frame ran at load). A dynamic one is tried once per size, on
+        zeros, the first time that size is asked for, which also readies the runtime for that shape (on
+        CUDA a new shape costs a search for the fastest convolutions): some graphs declare a dynamic batch
+        but reshape to 1.
         """
-        if isinstance(self._session.get_inputs()[0].shape[0], int):
+        if wanted <= 1:
             return 1
+        if wanted not in self._batch_runs:
+            self._batch_runs[wanted] = self._runs_batch(wanted)
+        return wanted if self._batch_runs[wanted] else 1
+
+    def _runs_batch(self, n: int) -> bool:
+        if isinstance(self._session.get_inputs()[0].shape[0], int):
+            return False
         h, w = self.info.input_size_hw
         quiet = ort.RunOptions()
         quiet.log_severity_level = 4  # a refusal is an answer here, not an error to print
         try:
             logits, features = self._session.run(
-                [LOGITS, FEATURES], {self._input_name: np.zeros((2, 3, h, w), np.float32)}, quiet)
+                [LOGITS, FEATURES], {self._input_name: np.zeros((n, 3, h, w), np.float32)}, quiet)
         except Exception as exc:  # the model is still usable one frame at a time
-            log.debug("%s does not run on a batch of 2 (%s): one frame at a time", self.path, exc)
-            return 1
-        return None if logits.shape[0] == 2 and features.shape[0] == 2 else 1
-
-    def batch_size(self, wanted: int) -> int:
-        """``wanted`` frames per forward, or 1 when the model cannot take more than one."""
-        if wanted <= 1:
-            return 1
-        return wanted if self.max_batch is None else min(wanted, self.max_batch)
+            log.debug("%s does not run on a batch of %d (%s): one frame at a time", self.path, n, exc)
+            return False
+        return logits.shape[0] == n and features.shape[0] == n
 
     @property
     def labels(self) -> tuple[str, ...]:

@@ -412,6 +412,8 @@ def _run_headless(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
     t_prev = time.perf_counter()
     try:
         for chunk, inputs in prefetch:
+            if len(inputs) < batch:  # a file's last frames: keep one input shape for the whole run
+                inputs = np.concatenate([inputs, np.zeros((batch - len(inputs), *inputs.shape[1:]), inputs.dtype)])
             t0 = time.perf_counter()
             logits, features = model.forward(inputs)
             t1 = time.perf_counter()
