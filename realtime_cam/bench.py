@@ -112,6 +112,22 @@ def cpu_per_frame(process_seconds: float, helpers: dict[str, float], frames: int
     return out
 
 
+class _CpuMeter:
+    """The process's and the helper threads' CPU time over a ``with`` block; ``per_frame(n)`` after it."""
+
+    def __enter__(self) -> "_CpuMeter":
+        HELPER_CPU.take()  # drop what threads that ended earlier left there
+        self._start = time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._seconds = time.process_time() - self._start
+        self._helpers = HELPER_CPU.take()
+
+    def per_frame(self, frames: int) -> dict[str, float]:
+        return cpu_per_frame(self._seconds, self._helpers, frames)
+
+
 def bench_inference(model: CamModel, frames: list[np.ndarray], warmup: int, batch: int = 1) -> dict:
     """Inference alone on prepared inputs, ``batch`` frames per call: what the hardware and the runtime can do.
 
@@ -138,12 +154,10 @@ def bench_inference(model: CamModel, frames: list[np.ndarray], warmup: int, batc
 def bench_pipeline_memory(model: CamModel, frames: list[np.ndarray], warmup: int, options: RunOptions) -> dict:
     """The whole loop (preprocess, inference, CAM, overlay) on frames already in memory, output dropped."""
     run_loop(model, (Frame(i, f, 0.0) for i, f in enumerate(frames[:warmup])), sinks=[NullSink()], options=options)
-    HELPER_CPU.take()
-    cpu0 = time.process_time()
-    result = run_loop(model, (Frame(i, f, time.perf_counter()) for i, f in enumerate(frames[warmup:])),
-                      sinks=[NullSink()], options=options)
-    cpu = cpu_per_frame(time.process_time() - cpu0, HELPER_CPU.take(), result.frames)
-    return {"fps": result.fps, "stages": result.stage_ms, "cpu_ms_per_frame": cpu}
+    with _CpuMeter() as cpu:
+        result = run_loop(model, (Frame(i, f, time.perf_counter()) for i, f in enumerate(frames[warmup:])),
+                          sinks=[NullSink()], options=options)
+    return {"fps": result.fps, "stages": result.stage_ms, "cpu_ms_per_frame": cpu.per_frame(result.frames)}
 
 
 def bench_file_to_file(model: CamModel, source: str, count: int, out_dir: Path, options: RunOptions) -> dict:
@@ -153,19 +167,17 @@ def bench_file_to_file(model: CamModel, source: str, count: int, out_dir: Path, 
     measurements before); a file shorter than ``count`` frames gives fewer.
     """
     out = out_dir / "bench-output.mp4"
-    HELPER_CPU.take()
-    cpu0 = time.process_time()
-    with open_source(source) as src, VideoFileSink(out, src.fps, src.size_wh) as sink:
+    with _CpuMeter() as cpu, open_source(source) as src, VideoFileSink(out, src.fps, src.size_wh) as sink:
         result = run_loop(model, src, sinks=[sink], options=replace(options, max_frames=count))
         decode = list(src.decode_ms) if isinstance(src, CaptureSource) else []
-    cpu = cpu_per_frame(time.process_time() - cpu0, HELPER_CPU.take(), result.frames)
     stages = dict(result.stage_ms)
     if decode:
         stages["decode"] = median_p95(decode)
     if sink.encode_ms:
         stages["encode"] = median_p95(list(sink.encode_ms))
     out.unlink(missing_ok=True)
-    return {"fps": result.fps, "frames": result.frames, "stages": stages, "cpu_ms_per_frame": cpu}
+    return {"fps": result.fps, "frames": result.frames, "stages": stages,
+            "cpu_ms_per_frame": cpu.per_frame(result.frames)}
 
 
 def bench_seed(model: CamModel, frames: list[np.ndarray], device: str, warmup: int) -> dict | None:

@@ -77,22 +77,23 @@ def rewrite(src: Path, out: Path, **kwargs) -> tuple[RewriteReport, list[str]]:
     return report, lines
 
 
+def rewrite_shared(src: Path, name: str, tmp_path_factory) -> tuple[Contract, RewriteReport, list[str]]:
+    """A shared-data classifier rewritten into a contract file (skips when the file is absent)."""
+    if not src.is_file():
+        pytest.skip(f"shared test model not found: {src}")
+    out = tmp_path_factory.mktemp("from_onnx") / name
+    report, lines = rewrite(src, out)
+    return Contract(out), report, lines
+
+
 @pytest.fixture(scope="module")
 def int8(tmp_path_factory) -> tuple[Contract, RewriteReport, list[str]]:
-    if not INT8.is_file():
-        pytest.skip(f"shared test model not found: {INT8}")
-    out = tmp_path_factory.mktemp("from_onnx") / "mnv2-int8-cam.onnx"
-    report, lines = rewrite(INT8, out)
-    return Contract(out), report, lines
+    return rewrite_shared(INT8, "mnv2-int8-cam.onnx", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def float_twin(tmp_path_factory) -> tuple[Contract, RewriteReport, list[str]]:
-    if not FLOAT_TWIN.is_file():
-        pytest.skip(f"shared test model not found: {FLOAT_TWIN}")
-    out = tmp_path_factory.mktemp("from_onnx") / "mnv2-float-cam.onnx"
-    report, lines = rewrite(FLOAT_TWIN, out)
-    return Contract(out), report, lines
+    return rewrite_shared(FLOAT_TWIN, "mnv2-float-cam.onnx", tmp_path_factory)
 
 
 # ----------------------------------------------------------------------------- the real int8 model

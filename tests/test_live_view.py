@@ -90,15 +90,20 @@ def mnv2(mnv2_int8_onnx):
     return CamModel(mnv2_int8_onnx, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def bottle_frames():
+def first_bottle_frames(n):
+    """The first n frames of the bottle video."""
     frames = []
     with open_source(str(shared("videos", "bottle-detection.mp4"))) as src:
         for f in src:
             frames.append(f)
-            if len(frames) == 12:
+            if len(frames) == n:
                 break
     return frames
+
+
+@pytest.fixture(scope="module")
+def bottle_frames():
+    return first_bottle_frames(12)
 
 
 @needs_shared
@@ -169,12 +174,7 @@ def test_every_live_option_works_headless_on_a_video(mnv2_int8_onnx, tmp_path, c
 
 @needs_shared
 def test_smoothing_reduces_flicker_on_the_bottle_video(mnv2, tmp_path):
-    frames = []
-    with open_source(str(shared("videos", "bottle-detection.mp4"))) as src:
-        for f in src:
-            frames.append(f)
-            if len(frames) == 150:
-                break
+    frames = first_bottle_frames(150)
     raw = run_loop(mnv2, iter(frames), options=RunOptions())
     smooth = run_loop(mnv2, iter(frames), options=RunOptions(temporal=TemporalOptions(smooth=0.6)))
     assert smooth.flicker < 0.7 * raw.flicker
