@@ -128,22 +128,27 @@ class _CpuMeter:
         return cpu_per_frame(self._seconds, self._helpers, frames)
 
 
-def bench_inference(model: CamModel, frames: list[np.ndarray], warmup: int, batch: int = 1) -> dict:
+def bench_inference(model: CamModel, frames: list[np.ndarray], warmup: int, batch: int = 1,
+                    resident: bool = False) -> dict:
     """Inference alone on prepared inputs, ``batch`` frames per call: what the hardware and the runtime can do.
 
-    FPS counts frames: (frames after the first call) / (time from the first call's end to the last one's);
-    median/p95 are per call; CPU is the process's, per timed frame.
+    With ``resident``, the inputs are on the model's device before timing and the outputs stay there (IO
+    binding, see ``CamModel.resident_forward``): the copies ``forward`` makes are left out, which tells
+    what binding could save at most. FPS counts frames: (frames after the first call) / (time from the
+    first call's end to the last one's); median/p95 are per call; CPU is the process's, per timed frame.
     """
     check_enough_frames(len(frames) - warmup, warmup, (batch,))
     calls_warm = math.ceil(warmup / batch)
     inputs = [model.prepare_batch(frames[i:i + batch]) for i in range(0, len(frames) - batch + 1, batch)]
-    for x in inputs[:calls_warm]:
-        model.forward(x)
+    call: Callable[[int], object] = (model.resident_forward(inputs) if resident
+                                     else lambda index: model.forward(inputs[index]))
+    for index in range(calls_warm):
+        call(index)
     stamps, durations = [], []
     cpu0 = time.process_time()
-    for x in inputs[calls_warm:]:
+    for index in range(calls_warm, len(inputs)):
         t0 = time.perf_counter()
-        model.forward(x)
+        call(index)
         t1 = time.perf_counter()
         stamps.append(t1)
         durations.append((t1 - t0) * 1000.0)
@@ -258,6 +263,13 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict:
                 if batch > 1:
                     log(f"[{device}] {name}: inference only, {batch} frames per call")
                     row["inference_batched"] = bench_inference(model, frames, config.warmup, batch)
+                log(f"[{device}] {name}: inference only, inputs and outputs kept on the device (IO binding)")
+                try:
+                    row["inference_resident"] = bench_inference(model, frames, config.warmup, batch, resident=True)
+                except Exception as exc:  # a figure missing from the report, not a failed benchmark
+                    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    row["inference_resident"] = {"error": reason[:300]}
+                    log(f"[{device}] {name}: IO binding did not run ({reason[:300]})")
                 options = RunOptions(batch=batch)
                 log(f"[{device}] {name}: loop on frames in memory")
                 row["pipeline"] = bench_pipeline_memory(model, frames, config.warmup, options)
@@ -267,6 +279,10 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict:
                 if batch > 1:
                     row["ratios"]["file_to_file_vs_inference_batched"] = (
                         row["file_to_file"]["fps"] / row["inference_batched"]["fps"])
+                resident = row["inference_resident"]
+                if "fps" in resident:  # what the copies in and out cost inference at this batch
+                    plain = row["inference_batched" if batch > 1 else "inference"]["fps"]
+                    row["ratios"]["inference_vs_resident"] = plain / resident["fps"]
                 if index == 0:
                     reference = model
                 elif reference is not None and reference.provider == model.provider:
@@ -322,6 +338,13 @@ def format_table(report: dict) -> str:
         if cpu:
             stage_lines.append(f"  {Path(r['model']).name} [{r['device']}] CPU ms per frame, file to file: "
                                + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+        resident = r.get("inference_resident")
+        if resident:
+            stage_lines.append(
+                f"  {Path(r['model']).name} [{r['device']}] inference with inputs and outputs on the device "
+                f"(IO binding), {resident.get('batch', r.get('batch', 1))} per call: "
+                + (f"{resident['fps']:.1f} FPS; plain runs reach {r['ratios']['inference_vs_resident']:.2f} of it"
+                   if "fps" in resident else f"did not run: {resident['error']}"))
     return "\n".join(lines + ["", "per stage:"] + stage_lines)
 
 

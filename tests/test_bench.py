@@ -39,6 +39,9 @@ def test_bench_writes_a_complete_report_and_a_chart(mnv2_int8_onnx, tmp_path, ca
         assert row["batch"] == report["config"]["batch"] == 4
         assert row["inference_batched"]["fps"] > 0 and row["inference_batched"]["batch"] == 4
         assert 0 < row["ratios"]["file_to_file_vs_inference_batched"]
+        # inference with inputs and outputs on the device (IO binding), at the batch: what the copies cost
+        assert row["inference_resident"]["fps"] > 0 and row["inference_resident"]["batch"] == 4
+        assert 0 < row["ratios"]["inference_vs_resident"]
         # where the CPU went: the helper threads by role, and the rest (inference and the loop's thread)
         cpu = row["file_to_file"]["cpu_ms_per_frame"]
         assert {"total", "inference_and_loop", "capture", "preprocess", "render", "encode"} <= set(cpu)
@@ -83,6 +86,7 @@ def test_bench_frame_by_frame_has_no_batched_figures(mnv2_int8_onnx, tmp_path, c
                  "--batch", "1", "--no-seed", "--json", str(out_json)]) == 0
     row = json.loads(out_json.read_text())["results"][0]
     assert row["batch"] == 1 and "inference_batched" not in row
-    assert set(row["ratios"]) == {"file_to_file_vs_inference"}
+    assert set(row["ratios"]) == {"file_to_file_vs_inference", "inference_vs_resident"}
+    assert row["inference_resident"]["batch"] == 1
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith(mnv2_int8_onnx.name))
     assert line.split()[2:5] == ["1", row["inference"]["fps"].__format__(".1f"), "-"]

@@ -38,6 +38,19 @@ def test_cam_is_the_head_row_times_the_features(model):
                                atol=1e-3 * max(1, np.abs(logits).max()))
 
 
+def test_resident_runs_give_what_forward_gives(model):
+    """bench times inference with inputs and outputs kept on the device (IO binding): it must be the same work."""
+    rng = np.random.default_rng(3)
+    batches = [model.prepare_batch([rng.integers(0, 256, (90, 120, 3), dtype=np.uint8) for _ in range(n)])
+               for n in (1, 3)]
+    run = model.resident_forward(batches)
+    for index in (1, 0, 1):  # any order, any batch size, more than once
+        logits, features = (value.numpy() for value in run(index))
+        expected_logits, expected_features = model.forward(batches[index])
+        np.testing.assert_array_equal(logits, expected_logits)
+        np.testing.assert_array_equal(features, expected_features)
+
+
 def test_class_id_explains_that_class_instead(model):
     frame = np.random.default_rng(2).integers(0, 256, (100, 100, 3), dtype=np.uint8)
     top = model.predict(frame)
