@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The GPU half of the benchmark on a lent device machine (see DEVELOPERS.md, "The GPU machine").
+#
+# That machine has torch and a CPU-only onnxruntime, no registry access, and each call carries at most
+# 64 MiB. onnxruntime-gpu's wheel is about 255 MB, so it travels as xz-compressed parts, one per call,
+# calls back to back (a warm machine keeps /tmp between calls).
+#
+#   here:   scripts/device-bench.sh pack          # download and split into .devcarry1..N (git-excluded)
+#   there:  scripts/device-bench.sh unpack I N    # call I of N, carrying .devcarry<I>; the last one installs
+#   there:  scripts/device-bench.sh bench [FRAMES] # export the models, run bench --device cpu,cuda into $OUT
+#
+# Each "there" step is one device call; the last part and the bench can share a call:
+#   scripts/device-bench.sh unpack 4 4 && scripts/device-bench.sh bench
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ORT_GPU_VERSION=${ORT_GPU_VERSION:-1.31.1}
+PART_MB=${PART_MB:-55}         # each call also carries the working tree (about 1 MB)
+STAGE=${DEVICE_STAGE:-/tmp/realtime-cam-device}  # on the device machine: survives between calls while it is warm
+SITE=$STAGE/site
+
+pack() {
+    local work
+    work=$(mktemp -d)
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d "$work" "onnxruntime-gpu==$ORT_GPU_VERSION" "onnxconverter-common>=1.14"
+    mkdir -p "$work/site"
+    (cd "$work/site" && for w in "$work"/*.whl; do python3 -m zipfile -e "$w" .; done)
+    # The TensorRT provider is not used (and needs TensorRT, which the machine lacks): it is a third of the wheel.
+    rm -f "$work"/site/onnxruntime/capi/libonnxruntime_providers_tensorrt.so
+    rm -rf .devcarry*/
+    tar -C "$work/site" -cf - . | xz -T0 -6 | split -b "${PART_MB}M" -d -a 1 - "$work/part."
+    local count=0
+    mkdir -p .git/info
+    for p in "$work"/part.*; do
+        count=$((count + 1))
+        mkdir -p ".devcarry$count"
+        mv "$p" ".devcarry$count/part"
+        grep -qx "/.devcarry$count/" .git/info/exclude 2>/dev/null || echo "/.devcarry$count/" >>.git/info/exclude
+    done
+    rm -rf "$work"
+    # The source of the CPU runs in docs/benchmarks.md travels with the first part (500 kB).
+    cp "${SOURCE:-../shared/data/videos/bottle-detection.mp4}" .devcarry1/source.mp4
+    echo "packed onnxruntime-gpu $ORT_GPU_VERSION into $count parts: .devcarry1..$count"
+    echo "on the device, call I carries [\".devcarry<I>\"] and runs: bash scripts/device-bench.sh unpack I $count"
+}
+
+unpack() {
+    local index=$1 count=$2
+    mkdir -p "$STAGE"
+    [ -f ".devcarry$index/part" ] || { echo "device-bench: .devcarry$index/part was not carried" >&2; exit 1; }
+    cp ".devcarry$index/part" "$STAGE/part.$index"
+    if [ -f ".devcarry$index/source.mp4" ]; then cp ".devcarry$index/source.mp4" "$STAGE/source.mp4"; fi
+    echo "part $index of $count is in $STAGE"
+    if [ "$index" = "$count" ]; then
+        for i in $(seq 1 "$count"); do
+            [ -f "$STAGE/part.$i" ] || { echo "device-bench: part $i is missing: the machine went back between calls; start again from part 1" >&2; exit 1; }
+        done
+        rm -rf "$SITE" && mkdir -p "$SITE"
+        for i in $(seq 1 "$count"); do cat "$STAGE/part.$i"; done | xz -d | tar -C "$SITE" -xf -
+        rm -f "$STAGE"/part.*
+        PYTHONPATH=$SITE python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+    fi
+}
+
+bench() {
+    local frames=${1:-500} out=${OUT:-$STAGE/out}
+    [ -d "$SITE/onnxruntime" ] || { echo "device-bench: onnxruntime-gpu is not unpacked yet (run unpack first)" >&2; exit 1; }
+    export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index --target "$STAGE/project" . >/dev/null
+    export PYTHONPATH=$STAGE/project:$SITE
+    mkdir -p "$out" "$STAGE/models"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt" || true
+    local cam="python3 -m realtime_cam" video=$STAGE/source.mp4
+    local m=$STAGE/models
+    $cam export --weights none --output "$m/r18.onnx"
+    $cam export --from-onnx "$m/r18.onnx" --fp16 --output "$m/r18-fp16.onnx"
+    if [ ! -f "$video" ]; then  # none was carried: a clip made on the spot, at bottle-detection.mp4's size
+        video=$m/clip.mp4
+        python3 -c "from pathlib import Path; from realtime_cam.bench import synthetic_video; synthetic_video(Path('$video'), 600)"
+    fi
+    $cam bench --model "$m/r18.onnx" --model "$m/r18-fp16.onnx" --source "$video" --device cpu,cuda \
+        --frames "$frames" --json "$out/h200.json" --plot "$out/h200.png" 2>&1 | tee "$out/h200.log"
+}
+
+case "${1:-}" in
+    pack) pack ;;
+    unpack) unpack "${2:?part index}" "${3:?part count}" ;;
+    bench) bench "${2:-500}" ;;
+    *) sed -n '2,14p' "$0"; exit 2 ;;
+esac
