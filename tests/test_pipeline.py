@@ -151,6 +151,24 @@ def test_opencv_runs_single_threaded_during_a_run_and_comes_back(mnv2, monkeypat
         cv2.setNumThreads(before)
 
 
+@needs_shared
+def test_opencv_keeps_its_threads_on_many_cores(mnv2, monkeypatch):
+    """With cores to spare (more than threads.FEW_CORES), OpenCV's pool is left as the user set it."""
+    monkeypatch.setattr(threads, "few_cores", lambda: False)
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(3)
+    seen = []
+    try:
+        class Spy(Sink):
+            def write(self, image_bgr):
+                seen.append(cv2.getNumThreads())
+
+        run_loop(mnv2, numbered_frames(4), sinks=[Spy()])
+        assert seen and set(seen) == {3} and cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)
+
+
 def test_files_are_decoded_by_one_thread_only_on_few_cores(monkeypatch):
     monkeypatch.setattr("realtime_cam.sources.few_cores", lambda: True)
     assert file_decode_params() == [cv2.CAP_PROP_N_THREADS, 1]
