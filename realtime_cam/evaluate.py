@@ -681,13 +681,18 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class EvalReport:
-    """A finished evaluation: its settings, the summary, one result per image, and the model's labels."""
+    """A finished evaluation: its settings, the summary, one result per image, and the model's labels.
+
+    ``outside_crop`` lists the (image, class) rows left out under ``--crop center`` because every box of the
+    class falls outside the crop: the model never saw the object, so they say nothing about the map.
+    """
 
     config: EvaluateConfig
     summary: EvalSummary
     results: tuple[ImageResult, ...]
     labels: tuple[str, ...]
     seconds: float
+    outside_crop: tuple[str, ...] = ()
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -765,6 +770,7 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
 
     bar = progress(len(truths)) if progress is not None else None
     results = []
+    outside_crop: list[str] = []
     start = time.perf_counter()
     for done, (gt, path) in enumerate(zip(truths, paths), 1):
         frame = read_image(path)
@@ -776,6 +782,9 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
             tf = center_crop_transform((w, h), model.info.input_size_hw)
             frame = apply_crop(frame, tf)
             gt_boxes = crop_boxes(clip_boxes(gt.boxes_xyxy, (w, h)), tf)
+            if not gt_boxes:  # nothing of the object is in what the model sees: no map can find it
+                outside_crop.append(gt.file)
+                continue
         else:
             gt_boxes = clip_boxes(gt.boxes_xyxy, (w, h))
         eval_h, eval_w = frame.shape[:2]
@@ -801,10 +810,13 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
             bar.update(done, done / elapsed if elapsed > 0 else 0.0)
     elapsed = time.perf_counter() - start
     if bar is not None:
-        bar.close(len(results), len(results) / elapsed if elapsed > 0 else 0.0)
+        bar.close(len(results) + len(outside_crop), len(results) / elapsed if elapsed > 0 else 0.0)
+    if not results and outside_crop:
+        raise CamError(f"every image's boxes fall outside the centre crop ({len(outside_crop)} images): "
+                       "nothing to score; use --crop none")
     summary = summarize(results, topk=config.topk)
     return EvalReport(config=config, summary=summary, results=tuple(results), labels=tuple(labels),
-                      seconds=elapsed)
+                      seconds=elapsed, outside_crop=tuple(outside_crop))
 
 
 # ----------------------------------------------------------------------------- output
@@ -832,6 +844,7 @@ def report_dict(report: EvalReport) -> dict:
         "images": s.images,
         "boxes": s.boxes,
         "top1_ties": s.top1_ties,
+        "left_out_outside_crop": list(report.outside_crop),
         "seconds": round(report.seconds, 3),
         "settings": {
             "model": str(c.model), "images": str(c.images), "boxes": str(c.boxes), "method": c.method,
@@ -893,6 +906,9 @@ def format_table(report: EvalReport) -> str:
             f"({report.seconds:.1f} s)")
     lines = [head, f"{'metric':<{width}}  {'value':>6}  note"]
     lines += [f"{name:<{width}}  {value:>6}  {note}".rstrip() for name, value, note in rows]
+    if report.outside_crop:
+        lines.append(f"({len(report.outside_crop)} image(s) left out: every box of the class falls outside the "
+                     "centre crop, so the model never saw the object)")
     if s.top1_ties:
         lines.append(f"({s.top1_ties} image(s) had a tie for the highest logit: ranked by class id)")
     return "\n".join(lines)

@@ -477,6 +477,32 @@ def test_center_crop_and_errors_on_the_shared_set(mnv2_int8_onnx, tmp_path, caps
     capsys.readouterr()
 
 
+@needs_shared
+def test_center_crop_leaves_out_objects_the_model_never_sees(mnv2_int8_onnx, tmp_path, capsys):
+    folder = shared("imagenet-val-20")
+    # ILSVRC2012_val_00000011 is 500x400: resized to 320x256 and cropped from x 48, a box in the top-left
+    # corner is not in the crop; the second row's box is the whole image.
+    csv = write(tmp_path / "corner.csv", "file,class_id,x0,y0,x1,y1\n"
+                                         "ILSVRC2012_val_00000011.JPEG,109,1,1,20,20\n"
+                                         "ILSVRC2012_val_00004646.JPEG,109,0,0,500,375\n")
+    out = tmp_path / "crop.json"
+    assert cmd_evaluate(parse(["--model", str(mnv2_int8_onnx), "--images", str(folder), "--boxes", str(csv),
+                               "--crop", "center", "--device", "cpu", "--json", str(out)])) == 0
+    doc = json.loads(out.read_text())
+    assert doc["images"] == 1 and doc["left_out_outside_crop"] == ["ILSVRC2012_val_00000011.JPEG"]
+    assert [row["file"] for row in doc["per_image"]] == ["ILSVRC2012_val_00004646.JPEG"]
+    assert "1 image(s) left out: every box of the class falls outside the centre crop" in capsys.readouterr().out
+    # without the crop the model sees the corner: both rows count
+    assert cmd_evaluate(parse(["--model", str(mnv2_int8_onnx), "--images", str(folder), "--boxes", str(csv),
+                               "--device", "cpu", "--json", str(out)])) == 0
+    doc = json.loads(out.read_text())
+    assert doc["images"] == 2 and doc["left_out_outside_crop"] == []
+    only = write(tmp_path / "only.csv", "file,class_id,x0,y0,x1,y1\nILSVRC2012_val_00000011.JPEG,109,1,1,20,20\n")
+    with pytest.raises(CamError, match="every image's boxes fall outside the centre crop"):
+        cmd_evaluate(parse(["--model", str(mnv2_int8_onnx), "--images", str(folder), "--boxes", str(only),
+                            "--crop", "center", "--device", "cpu"]))
+
+
 def test_imagenet_xml_with_wordnet_ids(tmp_path):
     from realtime_cam.errors import CamError
     from realtime_cam.evaluate import load_ground_truth, load_wnids
