@@ -128,32 +128,59 @@ class _CpuMeter:
         return cpu_per_frame(self._seconds, self._helpers, frames)
 
 
-def bench_inference(model: CamModel, frames: list[np.ndarray], warmup: int, batch: int = 1,
-                    resident: bool = False) -> dict:
+def bench_inference(model: CamModel, frames: list[np.ndarray], warmup: int, batch: int = 1) -> dict:
     """Inference alone on prepared inputs, ``batch`` frames per call: what the hardware and the runtime can do.
 
-    With ``resident``, the inputs are on the model's device before timing and the outputs stay there (IO
-    binding, see ``CamModel.resident_forward``): the copies ``forward`` makes are left out, which tells
-    what binding could save at most. FPS counts frames: (frames after the first call) / (time from the
-    first call's end to the last one's); median/p95 are per call; CPU is the process's, per timed frame.
+    FPS counts frames: (frames after the first call) / (time from the first call's end to the last one's);
+    median/p95 are per call; CPU is the process's, per timed frame.
     """
     check_enough_frames(len(frames) - warmup, warmup, (batch,))
     calls_warm = math.ceil(warmup / batch)
-    inputs = [model.prepare_batch(frames[i:i + batch]) for i in range(0, len(frames) - batch + 1, batch)]
-    call: Callable[[int], object] = (model.resident_forward(inputs) if resident
-                                     else lambda index: model.forward(inputs[index]))
-    for index in range(calls_warm):
-        call(index)
+    inputs = _batches(model, frames, batch)
+    for x in inputs[:calls_warm]:
+        model.forward(x)
     stamps, durations = [], []
     cpu0 = time.process_time()
-    for index in range(calls_warm, len(inputs)):
+    for x in inputs[calls_warm:]:
         t0 = time.perf_counter()
-        call(index)
+        model.forward(x)
         t1 = time.perf_counter()
         stamps.append(t1)
         durations.append((t1 - t0) * 1000.0)
     cpu_ms = (time.process_time() - cpu0) * 1000.0 / (len(stamps) * batch)
     return {"fps": fps_of(stamps) * batch, "batch": batch, **median_p95(durations), "cpu_ms_per_frame": cpu_ms}
+
+
+def bench_resident(model: CamModel, frames: list[np.ndarray], warmup: int, batch: int = 1) -> dict:
+    """Inference with the inputs already on the model's device and the outputs left there (IO binding, see
+    ``CamModel.resident_forward``) against plain ``forward`` calls, which copy both ways: the most that
+    binding could save.
+
+    The two kinds of call alternate on the same batches, so that a machine that slows down or speeds up
+    during the measurement moves both alike; FPS = frames / the calls' summed time, for each.
+    """
+    check_enough_frames(len(frames) - warmup, warmup, (batch,))
+    calls_warm = math.ceil(warmup / batch)
+    inputs = _batches(model, frames, batch)
+    resident = model.resident_forward(inputs)
+    plain_ms, resident_ms = [], []
+    for index in range(len(inputs)):
+        t0 = time.perf_counter()
+        model.forward(inputs[index])
+        t1 = time.perf_counter()
+        resident(index)
+        t2 = time.perf_counter()
+        if index >= calls_warm:
+            plain_ms.append((t1 - t0) * 1000.0)
+            resident_ms.append((t2 - t1) * 1000.0)
+    frames_timed = len(plain_ms) * batch
+    return {"fps": frames_timed * 1000.0 / sum(resident_ms), "batch": batch, **median_p95(resident_ms),
+            "plain_fps": frames_timed * 1000.0 / sum(plain_ms)}
+
+
+def _batches(model: CamModel, frames: list[np.ndarray], batch: int) -> list[np.ndarray]:
+    """The frames as prepared inputs, ``batch`` per array (a last partial batch is dropped)."""
+    return [model.prepare_batch(frames[i:i + batch]) for i in range(0, len(frames) - batch + 1, batch)]
 
 
 def bench_pipeline_memory(model: CamModel, frames: list[np.ndarray], warmup: int, options: RunOptions) -> dict:
@@ -265,7 +292,7 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict:
                     row["inference_batched"] = bench_inference(model, frames, config.warmup, batch)
                 log(f"[{device}] {name}: inference only, inputs and outputs kept on the device (IO binding)")
                 try:
-                    row["inference_resident"] = bench_inference(model, frames, config.warmup, batch, resident=True)
+                    row["inference_resident"] = bench_resident(model, frames, config.warmup, batch)
                 except Exception as exc:  # a figure missing from the report, not a failed benchmark
                     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                     row["inference_resident"] = {"error": reason[:300]}
@@ -281,8 +308,7 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict:
                         row["file_to_file"]["fps"] / row["inference_batched"]["fps"])
                 resident = row["inference_resident"]
                 if "fps" in resident:  # what the copies in and out cost inference at this batch
-                    plain = row["inference_batched" if batch > 1 else "inference"]["fps"]
-                    row["ratios"]["inference_vs_resident"] = plain / resident["fps"]
+                    row["ratios"]["inference_vs_resident"] = resident["plain_fps"] / resident["fps"]
                 if index == 0:
                     reference = model
                 elif reference is not None and reference.provider == model.provider:
@@ -343,7 +369,8 @@ def format_table(report: dict) -> str:
             stage_lines.append(
                 f"  {Path(r['model']).name} [{r['device']}] inference with inputs and outputs on the device "
                 f"(IO binding), {resident.get('batch', r.get('batch', 1))} per call: "
-                + (f"{resident['fps']:.1f} FPS; plain runs reach {r['ratios']['inference_vs_resident']:.2f} of it"
+                + (f"{resident['fps']:.1f} FPS, plain calls in turn with them {resident['plain_fps']:.1f} "
+                   f"({r['ratios']['inference_vs_resident']:.2f} of it)"
                    if "fps" in resident else f"did not run: {resident['error']}"))
     return "\n".join(lines + ["", "per stage:"] + stage_lines)
 

@@ -241,8 +241,9 @@ class CamModel:
 
         The prepared batches are copied once onto the device that runs the model; ``run(i)`` then runs
         ``batches[i]`` through ONNX Runtime's IO binding with the outputs left on that device, waits for them
-        and returns them (logits, features) as OrtValues there. That is the most IO binding could save over ``forward`` here: the map is computed on the host,
-        so the loop itself needs the features copied back whatever the binding.
+        and returns them (logits, features) as OrtValues there. That is the most IO binding could save over
+        ``forward`` here: the map is computed on the host, so the loop itself needs the features copied back
+        whatever the binding.
         """
         device = "cuda" if self.provider == CUDA else "cpu"
         on_device = [ort.OrtValue.ortvalue_from_numpy(batch, device, 0) for batch in batches]
