@@ -683,7 +683,7 @@ class EvaluateConfig:
 class EvalReport:
     """A finished evaluation: its settings, the summary, one result per image, and the model's labels.
 
-    ``outside_crop`` lists the (image, class) rows left out under ``--crop center`` because every box of the
+    ``outside_crop`` lists the (file, class_id) rows left out under ``--crop center`` because every box of the
     class falls outside the crop: the model never saw the object, so they say nothing about the map.
     """
 
@@ -692,7 +692,7 @@ class EvalReport:
     results: tuple[ImageResult, ...]
     labels: tuple[str, ...]
     seconds: float
-    outside_crop: tuple[str, ...] = ()
+    outside_crop: tuple[tuple[str, int], ...] = ()
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -770,7 +770,7 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
 
     bar = progress(len(truths)) if progress is not None else None
     results = []
-    outside_crop: list[str] = []
+    outside_crop: list[tuple[str, int]] = []
     start = time.perf_counter()
     for done, (gt, path) in enumerate(zip(truths, paths), 1):
         frame = read_image(path)
@@ -783,7 +783,9 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
             frame = apply_crop(frame, tf)
             gt_boxes = crop_boxes(clip_boxes(gt.boxes_xyxy, (w, h)), tf)
             if not gt_boxes:  # nothing of the object is in what the model sees: no map can find it
-                outside_crop.append(gt.file)
+                outside_crop.append((gt.file, gt.class_id))
+                if bar is not None and done < len(truths):
+                    bar.update(done, done / max(time.perf_counter() - start, 1e-9))
                 continue
         else:
             gt_boxes = clip_boxes(gt.boxes_xyxy, (w, h))
@@ -810,10 +812,10 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
             bar.update(done, done / elapsed if elapsed > 0 else 0.0)
     elapsed = time.perf_counter() - start
     if bar is not None:
-        bar.close(len(results) + len(outside_crop), len(results) / elapsed if elapsed > 0 else 0.0)
+        bar.close(len(truths), len(truths) / elapsed if elapsed > 0 else 0.0)
     if not results and outside_crop:
-        raise CamError(f"every image's boxes fall outside the centre crop ({len(outside_crop)} images): "
-                       "nothing to score; use --crop none")
+        raise CamError(f"every image's boxes fall outside the centre crop ({len(outside_crop)} (image, class) "
+                       "rows): nothing to score; use --crop none")
     summary = summarize(results, topk=config.topk)
     return EvalReport(config=config, summary=summary, results=tuple(results), labels=tuple(labels),
                       seconds=elapsed, outside_crop=tuple(outside_crop))
@@ -844,7 +846,7 @@ def report_dict(report: EvalReport) -> dict:
         "images": s.images,
         "boxes": s.boxes,
         "top1_ties": s.top1_ties,
-        "left_out_outside_crop": list(report.outside_crop),
+        "left_out_outside_crop": [{"file": f, "class_id": c} for f, c in report.outside_crop],
         "seconds": round(report.seconds, 3),
         "settings": {
             "model": str(c.model), "images": str(c.images), "boxes": str(c.boxes), "method": c.method,
@@ -907,8 +909,8 @@ def format_table(report: EvalReport) -> str:
     lines = [head, f"{'metric':<{width}}  {'value':>6}  note"]
     lines += [f"{name:<{width}}  {value:>6}  {note}".rstrip() for name, value, note in rows]
     if report.outside_crop:
-        lines.append(f"({len(report.outside_crop)} image(s) left out: every box of the class falls outside the "
-                     "centre crop, so the model never saw the object)")
+        lines.append(f"({len(report.outside_crop)} (image, class) row(s) left out: every box of the class falls "
+                     "outside the centre crop, so the model never saw the object)")
     if s.top1_ties:
         lines.append(f"({s.top1_ties} image(s) had a tie for the highest logit: ranked by class id)")
     return "\n".join(lines)

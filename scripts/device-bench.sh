@@ -20,8 +20,8 @@ STAGE=${DEVICE_STAGE:-/tmp/realtime-cam-device}  # on the device machine: surviv
 SITE=$STAGE/site
 
 pack() {
-    local work
-    work=$(mktemp -d)
+    work=$(mktemp -d)  # global: the trap runs after this function has returned
+    trap 'rm -rf "$work"' EXIT
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d "$work" "onnxruntime-gpu==$ORT_GPU_VERSION" "onnxconverter-common>=1.14"
@@ -30,7 +30,7 @@ pack() {
     # The TensorRT provider is not used (and needs TensorRT, which the machine lacks): it is a third of the wheel.
     rm -f "$work"/site/onnxruntime/capi/libonnxruntime_providers_tensorrt.so
     rm -rf .devcarry*/
-    tar -C "$work/site" -cf - . | xz -T0 -6 | split -b "${PART_MB}M" -d -a 1 - "$work/part."
+    tar -C "$work/site" -cf - . | xz -T0 -6 | split -b "${PART_MB}M" -d -a 2 - "$work/part."
     local count=0
     mkdir -p .git/info
     for p in "$work"/part.*; do
@@ -39,7 +39,6 @@ pack() {
         mv "$p" ".devcarry$count/part"
         grep -qx "/.devcarry$count/" .git/info/exclude 2>/dev/null || echo "/.devcarry$count/" >>.git/info/exclude
     done
-    rm -rf "$work"
     # The source of the CPU runs in docs/benchmarks.md travels with the first part (500 kB).
     cp "${SOURCE:-../shared/data/videos/bottle-detection.mp4}" .devcarry1/source.mp4
     echo "packed onnxruntime-gpu $ORT_GPU_VERSION into $count parts: .devcarry1..$count"
@@ -67,20 +66,21 @@ unpack() {
 bench() {
     local frames=${1:-500} out=${OUT:-$STAGE/out}
     [ -d "$SITE/onnxruntime" ] || { echo "device-bench: onnxruntime-gpu is not unpacked yet (run unpack first)" >&2; exit 1; }
-    export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
-    python3 -m pip install -q --no-deps --no-build-isolation --no-index --target "$STAGE/project" . >/dev/null
-    export PYTHONPATH=$STAGE/project:$SITE
+    # The package as pyproject.toml lays it out (export/ installs as realtime_cam.export), copied afresh: no
+    # build step, whatever setuptools the machine has.
+    rm -rf "$STAGE/project" && mkdir -p "$STAGE/project"
+    cp -r realtime_cam "$STAGE/project/"
+    cp -r export "$STAGE/project/realtime_cam/export"
+    export PYTHONPATH=$STAGE/project:$SITE PYTHONUNBUFFERED=1
     mkdir -p "$out" "$STAGE/models"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt" || true
-    local cam="python3 -m realtime_cam" video=$STAGE/source.mp4
-    local m=$STAGE/models
+    # -P: the copy above, not the working tree's realtime_cam/ (which lacks realtime_cam.export).
+    local cam="python3 -P -m realtime_cam" m=$STAGE/models source=()
+    # Without a carried video, bench makes a synthetic clip of bottle-detection.mp4's size.
+    if [ -f "$STAGE/source.mp4" ]; then source=(--source "$STAGE/source.mp4"); fi
     $cam export --weights none --output "$m/r18.onnx"
     $cam export --from-onnx "$m/r18.onnx" --fp16 --output "$m/r18-fp16.onnx"
-    if [ ! -f "$video" ]; then  # none was carried: a clip made on the spot, at bottle-detection.mp4's size
-        video=$m/clip.mp4
-        python3 -c "from pathlib import Path; from realtime_cam.bench import synthetic_video; synthetic_video(Path('$video'), 600)"
-    fi
-    $cam bench --model "$m/r18.onnx" --model "$m/r18-fp16.onnx" --source "$video" --device cpu,cuda \
+    $cam bench --model "$m/r18.onnx" --model "$m/r18-fp16.onnx" "${source[@]}" --device cpu,cuda \
         --frames "$frames" --json "$out/h200.json" --plot "$out/h200.png" 2>&1 | tee "$out/h200.log"
 }
 
@@ -88,5 +88,5 @@ case "${1:-}" in
     pack) pack ;;
     unpack) unpack "${2:?part index}" "${3:?part count}" ;;
     bench) bench "${2:-500}" ;;
-    *) sed -n '2,14p' "$0"; exit 2 ;;
+    *) sed -n '2,13p' "$0"; exit 2 ;;
 esac

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import needs_shared, shared
 from realtime_cam.cli import main
+from realtime_cam.model import CamModel
 
 
 @needs_shared
@@ -91,3 +92,20 @@ def test_bench_frame_by_frame_has_no_batched_figures(mnv2_int8_onnx, tmp_path, c
     assert row["inference_resident"]["batch"] == 1
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith(mnv2_int8_onnx.name))
     assert line.split()[2:5] == ["1", row["inference"]["fps"].__format__(".1f"), "-"]
+
+
+@needs_shared
+def test_io_binding_that_fails_is_reported_and_the_rest_still_runs(mnv2_int8_onnx, tmp_path, capsys, monkeypatch):
+    def refuse(self, batches):
+        raise RuntimeError("no binding on this provider\nsecond line")
+
+    monkeypatch.setattr(CamModel, "resident_forward", refuse)
+    out_json = tmp_path / "b.json"
+    assert main(["bench", "--model", str(mnv2_int8_onnx), "--device", "cpu", "--frames", "6", "--warmup", "2",
+                 "--batch", "1", "--no-seed", "--json", str(out_json)]) == 0
+    row = json.loads(out_json.read_text())["results"][0]
+    assert row["inference_resident"] == {"error": "no binding on this provider"}
+    assert "inference_vs_resident" not in row["ratios"] and row["file_to_file"]["fps"] > 0
+    captured = capsys.readouterr()
+    assert "(IO binding), 1 per call: did not run: no binding on this provider" in captured.out  # the table
+    assert "IO binding did not run (no binding on this provider)" in captured.err                # progress

@@ -489,9 +489,10 @@ def test_center_crop_leaves_out_objects_the_model_never_sees(mnv2_int8_onnx, tmp
     assert cmd_evaluate(parse(["--model", str(mnv2_int8_onnx), "--images", str(folder), "--boxes", str(csv),
                                "--crop", "center", "--device", "cpu", "--json", str(out)])) == 0
     doc = json.loads(out.read_text())
-    assert doc["images"] == 1 and doc["left_out_outside_crop"] == ["ILSVRC2012_val_00000011.JPEG"]
+    assert doc["images"] == 1
+    assert doc["left_out_outside_crop"] == [{"file": "ILSVRC2012_val_00000011.JPEG", "class_id": 109}]
     assert [row["file"] for row in doc["per_image"]] == ["ILSVRC2012_val_00004646.JPEG"]
-    assert "1 image(s) left out: every box of the class falls outside the centre crop" in capsys.readouterr().out
+    assert "1 (image, class) row(s) left out: every box of the class falls outside" in capsys.readouterr().out
     # without the crop the model sees the corner: both rows count
     assert cmd_evaluate(parse(["--model", str(mnv2_int8_onnx), "--images", str(folder), "--boxes", str(csv),
                                "--device", "cpu", "--json", str(out)])) == 0
