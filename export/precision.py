@@ -44,7 +44,7 @@ from realtime_cam.errors import CamError, ExportError, SourceError
 from realtime_cam.fidelity import fidelity, format_fidelity
 from realtime_cam.model import CamModel
 from realtime_cam.preprocess import Preprocessor, as_bgr
-from realtime_cam.sources import IMAGE_EXTENSIONS, open_source
+from realtime_cam.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, open_source
 
 from .checks import cpu_session, float_tolerance, replace_atomically
 
@@ -150,15 +150,16 @@ class Fp16Report:
 
 # ----------------------------------------------------------------------------- frames
 def sample_frames(sources: Sources, max_frames: int) -> Iterator[np.ndarray]:
-    """Up to ``max_frames`` BGR frames spread evenly over image files, folders of images and video files.
+    """Up to ``max_frames`` BGR frames spread evenly over image files, video files and folders of either.
 
-    The budget is shared out evenly between the sources (a folder is one source); images are planned first,
-    so what a source with few frames leaves over goes to the videos. A video's frames are counted by
-    decoding it (containers' frame counts are not trusted), then the chosen ones are read in a second pass.
+    The budget is shared out evenly between the sources (a folder's images are one source, each of its videos
+    another); images are planned first, so what a source with few frames leaves over goes to the videos. A
+    video's frames are counted by decoding it (containers' frame counts are not trusted), then the chosen
+    ones are read in a second pass.
     The sources are all opened and checked before this returns; the frames are read lazily.
 
     Raises:
-        SourceError: a missing, unreadable or empty source, a folder without images, or a live source
+        SourceError: a missing, unreadable or empty source, a folder without images or videos, or a live source
             (webcams and streams have no end to spread frames over).
     """
     if max_frames < 1:
@@ -170,11 +171,16 @@ def sample_frames(sources: Sources, max_frames: int) -> Iterator[np.ndarray]:
         path = Path(spec)
         if not path.exists():
             raise SourceError(f"source not found: {spec}")
-        if path.is_dir():
-            files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not files:
-                raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in the folder {spec}")
-            images.append(files)
+        if path.is_dir():  # its images are one source, each of its videos another
+            files = sorted(p for p in path.iterdir() if p.is_file())
+            pictures = [str(p) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+            clips = [str(p) for p in files if p.suffix.lower() in VIDEO_EXTENSIONS]
+            if not pictures and not clips:
+                raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) or videos "
+                                  f"({', '.join(sorted(VIDEO_EXTENSIONS))}) in the folder {spec}")
+            if pictures:
+                images.append(pictures)
+            videos.extend((clip, _count_frames(clip)) for clip in clips)
             continue
         with open_source(spec) as source:  # reads the first frame: a bad file fails here
             if source.live:
@@ -201,6 +207,12 @@ def sample_frames(sources: Sources, max_frames: int) -> Iterator[np.ndarray]:
         with open_source(file):
             pass
     return _read_frames(chosen_images, chosen_videos)
+
+
+def _count_frames(video: str) -> int:
+    """A video's frames, by decoding it (containers' frame counts are not trusted)."""
+    with open_source(video) as source:  # reads the first frame: a bad file fails here
+        return sum(1 for _ in source)
 
 
 def _as_specs(sources: Sources) -> list[str]:

@@ -243,6 +243,8 @@ def environment() -> dict:
         "usable_cores": usable_cores(),
         "opencv_threads": cv2.getNumThreads(), "platform": platform.platform(),
     }
+    if hasattr(os, "getloadavg"):  # other work on the machine when the run began (1, 5, 15 min averages)
+        env["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
     from importlib import metadata
 
     try:  # the version only: importing torch here would start its thread pools before ONNX Runtime is timed

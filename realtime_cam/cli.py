@@ -14,6 +14,7 @@ from typing import Sequence
 from . import __version__
 from .cams import METHODS
 from .cliutil import (
+    ArgumentParser,
     HelpFormatter,
     add_debug_flag,
     batch_count,
@@ -49,7 +50,7 @@ class Terminated(KeyboardInterrupt):
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     fmt = HelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(  # its subcommands' parsers are of the same class
         prog="realtime-cam",
         description="Live Class Activation Maps: where a CNN looks when it classifies what a camera sees.",
         formatter_class=fmt,
@@ -356,6 +357,10 @@ def _raise_terminated(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``realtime-cam`` and ``python -m realtime_cam``; returns the exit code."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # a first try with no command: what the commands are
+        parser.print_help()
+        return EXIT_ERROR
     args = parser.parse_args(argv)
     _configure_logging()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)

@@ -1,11 +1,20 @@
-"""Argument types and the help formatter shared by every command's parser."""
+"""The parser, argument types and the help formatter shared by every command."""
 
 from __future__ import annotations
 
 import argparse
 import math
+from typing import NoReturn
 
 DEVICES_FOR_BENCH = ("cpu", "cuda")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a mistake on the command line is one line on stderr (and exit code 2), like
+    every other user error, instead of the whole usage block; the line says where the usage is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

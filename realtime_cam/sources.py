@@ -27,6 +27,8 @@ from .threads import HELPER_CPU, few_cores, lower_this_threads_priority
 log = logging.getLogger("realtime_cam")
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jp2"}
+# What a folder of clips holds (a source given by name is tried as a video whatever its extension).
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv"}
 URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 POLICIES = ("latest", "queue")
 

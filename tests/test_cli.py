@@ -93,7 +93,16 @@ def test_out_of_range_options_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
-    assert "Traceback" not in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, not argparse's usage block
+    assert err[0].startswith(f"realtime-cam {argv[0]}: error: argument ")
+    assert err[0].endswith(f"(see realtime-cam {argv[0]} --help)")
+
+
+def test_no_command_shows_the_commands(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert "run" in out and "export" in out and "bench" in out and "evaluate" in out
 
 
 def test_output_folder_that_does_not_exist_is_refused_before_work(resnet18_onnx, capsys):

@@ -241,6 +241,24 @@ def test_frames_are_spread_over_a_video_and_shared_with_images(tmp_path):
     assert len(list(sample_frames(video, 500))) == 50
 
 
+def test_a_folder_of_clips_and_images_shares_the_budget_between_them(tmp_path):
+    """export --calibrate clips/: each video in a folder is a source of its own, the folder's images one more."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for name, level in (("a.avi", 10), ("b.avi", 100)):
+        writer = cv2.VideoWriter(str(clips / name), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (32, 24))
+        for _ in range(20):
+            writer.write(np.full((24, 32, 3), level, np.uint8))
+        writer.release()
+    cv2.imwrite(str(clips / "still.png"), np.full((10, 10, 3), 255, np.uint8))
+    (clips / "notes.txt").write_text("not a frame source")
+
+    levels = [round(float(f.mean()), -1) for f in sample_frames(clips, 9)]
+    assert sorted(levels) == [10.0] * 4 + [100.0] * 4 + [260.0]  # the still (255) once, 4 + 4 from the clips
+    (clips / "still.png").unlink()
+    assert len(list(sample_frames(clips, 6))) == 6
+
+
 def test_every_calibration_names_an_onnxruntime_method():
     from onnxruntime.quantization import CalibrationMethod
 
