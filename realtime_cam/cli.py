@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import re
 import signal
 import sys
 import tempfile
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="box rule: keep the map above this fraction of its max, take the largest component")
     run.add_argument("--smooth", type=smooth_weight, default=0.0, metavar="ALPHA",
                      help="temporal smoothing: shown = ALPHA * previous + (1 - ALPHA) * new, for the map and the "
-                          "probabilities (0 = off); restarts when the explained class changes")
+                          "probabilities (0 = off); the map's average restarts when the explained class or the "
+                          "method changes")
     run.add_argument("--hysteresis", type=positive_int, default=3, metavar="N",
                      help="the shown top-1 changes only after another class led N frames in a row (1 = off)")
     run.add_argument("--scale", choices=SCALES, default="frame",
@@ -249,8 +251,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if window is not None and source.kind == "image" and result.stopped_by == "end":
             hold_window(window)
     if result.last is not None:
-        log.info("%d frames at %.1f FPS; last: %s %.1f%%", result.frames, result.fps, result.last.label,
-                 100 * result.last.probability)
+        rate = f"{result.frames} frames at {result.fps:.1f} FPS" if result.frames > 1 else "1 frame"
+        log.info("%s; last: %s %.1f%%", rate, result.last.label, 100 * result.last.probability)
     if result.flicker is not None:
         log.info("map flicker (mean |change| of the shown map between frames): %.4f", result.flicker)
     for path in result.snapshots:
@@ -264,6 +266,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     output = args.output if args.output is not None else default_model_path(args.arch)
     if args.from_onnx is not None and args.output is None:
         output = default_model_path(args.from_onnx.stem)
+    if output.suffix.lower() != ".onnx":
+        raise CamError(f"--output must name an .onnx file; got {output.name}")
     if args.int8 and not args.calibrate:
         raise CamError("--int8 needs --calibrate SOURCE: frames (videos, images, folders) to set activation ranges")
     if (args.calibrate or args.check) and not (args.int8 or args.fp16):
@@ -276,14 +280,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".realtime-cam-", dir=output.parent) as tmp:
-        fp32 = Path(tmp) / "fp32.onnx"
+        # Named after what it was made from: the messages below name it.
+        fp32 = Path(tmp) / (args.from_onnx.name if args.from_onnx is not None
+                            else re.sub(r"[^\w.-]", "_", args.arch) + ".onnx")
         _export_fp32(args, fp32)
-        if args.int8:
+        if args.int8:  # each says what it wrote
             quantize_int8(fp32, output, args.calibrate, max_frames=args.calibration_frames,
                           method=args.calibration, check=args.check, log=log.info)
         else:
             convert_fp16(fp32, output, check=args.check, log=log.info)
-    log.info("wrote %s", output)
     return EXIT_OK
 
 

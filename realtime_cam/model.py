@@ -80,7 +80,8 @@ def _providers(device: str) -> list[str]:
     if device == "cuda":
         raise DeviceError(
             f"--device cuda: this onnxruntime offers no CUDA provider (it has {', '.join(available)}); "
-            "install the GPU build: pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
+            "install the GPU build: pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
+            "'onnxruntime-gpu[cuda,cudnn]' (see the README's install section)"
         )
     return [CPU]
 

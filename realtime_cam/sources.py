@@ -8,6 +8,7 @@ Capture runs in a daemon thread per source with an explicit policy:
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import re
@@ -46,6 +47,24 @@ class Frame:
     index: int
     image_bgr: np.ndarray
     captured_at: float
+
+
+@contextlib.contextmanager
+def opencv_quiet() -> Iterator[None]:
+    """OpenCV's own log off for the block (unless the user set OPENCV_LOG_LEVEL).
+
+    Opening a source that is not there makes every backend OpenCV tries print its failure (a dozen lines for
+    a missing webcam); the one line that says what is wrong is ours.
+    """
+    if os.environ.get("OPENCV_LOG_LEVEL"):
+        yield
+        return
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(level)
 
 
 class FrameBuffer:
@@ -201,9 +220,10 @@ class CaptureSource(FrameSource):
         self._thread: threading.Thread | None = None
 
     def _open(self) -> cv2.VideoCapture:
-        if self._open_params:
-            return cv2.VideoCapture(self._target, cv2.CAP_ANY, self._open_params)
-        return cv2.VideoCapture(self._target)
+        with opencv_quiet():
+            if self._open_params:
+                return cv2.VideoCapture(self._target, cv2.CAP_ANY, self._open_params)
+            return cv2.VideoCapture(self._target)
 
     def _read_loop(self) -> None:
         lower_this_threads_priority()

@@ -55,12 +55,19 @@ def test_run_writes_every_decoded_frame_at_the_sources_size_and_rate(resnet18_on
 
 
 @needs_shared
-def test_image_source_to_image_output(resnet18_onnx, tmp_path):
+def test_image_source_to_image_output(resnet18_onnx, tmp_path, capsys):
     out = tmp_path / "cat.png"
     assert main(["run", "--model", str(resnet18_onnx), "--source", str(shared("images", "skimage_chelsea.png")),
                  "--output", str(out), "--no-display", "--alpha", "0.6"]) == 0
     image = cv2.imread(str(out))
     assert image.shape == (300, 451, 3)
+    assert "realtime-cam: 1 frame; last: " in capsys.readouterr().err  # no frame rate for a single frame
+
+
+def test_export_output_must_be_an_onnx_file(tmp_path, capsys):
+    assert main(["export", "--weights", "none", "--output", str(tmp_path / "model.txt")]) == 2
+    assert capsys.readouterr().err.strip() == "realtime-cam: error: --output must name an .onnx file; got model.txt"
+    assert not list(tmp_path.iterdir())
 
 
 @needs_shared
@@ -181,3 +188,13 @@ def test_interrupted_run_leaves_a_finalised_playable_video(resnet18_onnx, tmp_pa
     frames, size, _ = decoded_frames(out)
     assert 0 < len(frames) < 341 and size == (1280, 720)
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_a_missing_webcam_is_our_one_line_not_opencvs_dozen(resnet18_onnx, capfd, monkeypatch):
+    monkeypatch.delenv("OPENCV_LOG_LEVEL", raising=False)
+    before = cv2.utils.logging.getLogLevel()
+    assert main(["run", "--model", str(resnet18_onnx), "--source", "7", "--no-display", "--reconnect", "0"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()  # capfd: OpenCV writes to the file descriptor itself
+    assert err[-1] == "realtime-cam: error: cannot open webcam 7 (no such camera, or it is busy)"
+    assert not any("WARN" in line or "ERROR:" in line or "OpenCV" in line for line in err), err
+    assert cv2.utils.logging.getLogLevel() == before  # OpenCV's log is back as it was

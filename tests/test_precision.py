@@ -266,3 +266,22 @@ def test_every_calibration_names_an_onnxruntime_method():
     for calibration in CALIBRATIONS.values():
         assert CalibrationMethod[calibration.method] is not None
         assert calibration.summary
+
+
+@needs_shared
+def test_export_int8_and_fp16_from_the_command_line(tmp_path, capsys):
+    from realtime_cam.cli import main
+
+    source = shared("models", "mobilenetv2-12-float-from-int8.onnx")
+    int8, fp16 = tmp_path / "m-int8.onnx", tmp_path / "m-fp16.onnx"
+    assert main(["export", "--from-onnx", str(source), "--int8", "--calibrate", str(shared("images")),
+                 "--calibration-frames", "6", "--calibration", "minmax", "--output", str(int8)]) == 0
+    err = capsys.readouterr().err
+    # the messages name the model it was made from, not a temporary file, and say once what was written
+    assert f"calibrating {source.name} on 6 frames" in err
+    assert err.count(f"wrote {int8}") == 1
+    assert main(["export", "--from-onnx", str(source), "--fp16", "--output", str(fp16)]) == 0
+    assert capsys.readouterr().err.count(f"wrote {fp16}") == 1
+    for path in (int8, fp16):
+        assert CamModel(path, device="cpu").num_classes == 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-fp16.onnx", "m-int8.onnx"]  # no temporary left
