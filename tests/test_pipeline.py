@@ -126,47 +126,41 @@ def test_frames_read_before_a_source_error_are_still_written(mnv2):
     assert len(sink.images) == 6        # the second batch had 2 frames when the error came
 
 
-@needs_shared
-def test_opencv_runs_single_threaded_during_a_run_and_comes_back(mnv2, monkeypatch):
-    monkeypatch.setattr(threads, "few_cores", lambda: True)
+@pytest.fixture
+def opencv_set_to_3_threads():
     before = cv2.getNumThreads()
     cv2.setNumThreads(3)
-    seen = []
-    try:
-        class Spy(Sink):
-            def write(self, image_bgr):
-                seen.append(cv2.getNumThreads())
+    yield
+    cv2.setNumThreads(before)
 
-        run_loop(mnv2, numbered_frames(4), sinks=[Spy()])
-        assert seen and set(seen) == {1} and cv2.getNumThreads() == 3
 
-        class Failing(Sink):
-            def write(self, image_bgr):
-                raise OSError("disk full")
+class ThreadCountSpy(Sink):
+    """Notes OpenCV's thread count while the run writes."""
 
-        with pytest.raises(OSError, match="disk full"):
-            run_loop(mnv2, numbered_frames(4), sinks=[Failing()])
-        assert cv2.getNumThreads() == 3
-    finally:
-        cv2.setNumThreads(before)
+    def __init__(self):
+        self.seen = set()
+
+    def write(self, image_bgr):
+        self.seen.add(cv2.getNumThreads())
 
 
 @needs_shared
-def test_opencv_keeps_its_threads_on_many_cores(mnv2, monkeypatch):
-    """With cores to spare (more than threads.FEW_CORES), OpenCV's pool is left as the user set it."""
-    monkeypatch.setattr(threads, "few_cores", lambda: False)
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(3)
-    seen = []
-    try:
-        class Spy(Sink):
-            def write(self, image_bgr):
-                seen.append(cv2.getNumThreads())
+@pytest.mark.parametrize("few, during", [(True, {1}), (False, {3})])
+def test_opencv_runs_single_threaded_on_few_cores_and_comes_back(mnv2, monkeypatch, opencv_set_to_3_threads,
+                                                                  few, during):
+    """Up to threads.FEW_CORES cores, OpenCV's pool is off during a run; with cores to spare it is left alone."""
+    monkeypatch.setattr(threads, "few_cores", lambda: few)
+    spy = ThreadCountSpy()
+    run_loop(mnv2, numbered_frames(4), sinks=[spy])
+    assert spy.seen == during and cv2.getNumThreads() == 3
 
-        run_loop(mnv2, numbered_frames(4), sinks=[Spy()])
-        assert seen and set(seen) == {3} and cv2.getNumThreads() == 3
-    finally:
-        cv2.setNumThreads(before)
+    class Failing(Sink):
+        def write(self, image_bgr):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        run_loop(mnv2, numbered_frames(4), sinks=[Failing()])
+    assert cv2.getNumThreads() == 3
 
 
 def test_files_are_decoded_by_one_thread_only_on_few_cores(monkeypatch):
