@@ -166,13 +166,13 @@ def sample_frames(sources: Sources, max_frames: int) -> Iterator[np.ndarray]:
         raise SourceError(f"need at least one frame to sample, got max_frames={max_frames}")
     specs = _as_specs(sources)
     images: list[list[str]] = []
-    videos: list[tuple[str, int]] = []
+    videos: list[tuple[str, int | None]] = []  # (file, frames; None until counted)
     for spec in specs:
         path = Path(spec)
         if not path.exists():
             raise SourceError(f"source not found: {spec}")
         if path.is_dir():  # its images are one source, each of its videos another
-            files = sorted(p for p in path.iterdir() if p.is_file())
+            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
             pictures = [str(p) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
             clips = [str(p) for p in files if p.suffix.lower() in VIDEO_EXTENSIONS]
             if not pictures and not clips:
@@ -180,7 +180,7 @@ def sample_frames(sources: Sources, max_frames: int) -> Iterator[np.ndarray]:
                                   f"({', '.join(sorted(VIDEO_EXTENSIONS))}) in the folder {spec}")
             if pictures:
                 images.append(pictures)
-            videos.extend((clip, _count_frames(clip)) for clip in clips)
+            videos.extend((clip, None) for clip in clips)  # counted when the budget reaches them
             continue
         with open_source(spec) as source:  # reads the first frame: a bad file fails here
             if source.live:
@@ -198,7 +198,9 @@ def sample_frames(sources: Sources, max_frames: int) -> Iterator[np.ndarray]:
         budget, left = budget - len(picked), left - 1
     chosen_videos: list[tuple[str, list[int]]] = []
     for spec, count in videos:
-        picked = _spread(count, -(-budget // left))
+        if budget <= 0:
+            break
+        picked = _spread(count if count is not None else _count_frames(spec), -(-budget // left))
         if picked:
             chosen_videos.append((spec, picked))
         budget, left = budget - len(picked), left - 1

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
+from . import __version__, sources
 from .cams import METHODS
 from .cliutil import (
     ArgumentParser,
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices  # name -> the command's parser, for its own error lines
 
     run = sub.add_parser(
         "run", formatter_class=fmt,
@@ -366,9 +367,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv:  # a first try with no command: what the commands are
         parser.print_help()
         return EXIT_ERROR
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's parser, whose help lists the options that do exist
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     _configure_logging()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    sources.QUIET_OPENCV_ON_OPEN = not args.debug
     try:
         return COMMANDS[args.command](args)
     except CamError as exc:
@@ -384,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED if not isinstance(exc, Terminated) else 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sources.QUIET_OPENCV_ON_OPEN = True
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, but a mistake on the command line is one line on stderr (and exit code 2), like
     every other user error, instead of the whole usage block; the line says where the usage is."""
 
+    commands: dict[str, argparse.ArgumentParser]  # the top-level parser's subcommands (set by build_parser)
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 

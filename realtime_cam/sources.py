@@ -49,22 +49,38 @@ class Frame:
     captured_at: float
 
 
+# realtime-cam --debug turns this off, so that OpenCV's own reasons show (see opencv_quiet).
+QUIET_OPENCV_ON_OPEN = True
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_saved_level = 0
+
+
 @contextlib.contextmanager
 def opencv_quiet() -> Iterator[None]:
-    """OpenCV's own log off for the block (unless the user set OPENCV_LOG_LEVEL).
+    """OpenCV's own log off for the block (unless OPENCV_LOG_LEVEL is set, or ``--debug`` was given).
 
     Opening a source that is not there makes every backend OpenCV tries print its failure (a dozen lines for
-    a missing webcam); the one line that says what is wrong is ours.
+    a missing webcam); the one line that says what is wrong is ours. The level is the process's: blocks may
+    nest and overlap across threads (a stream reconnecting in its capture thread), and the last one to end
+    puts the level back.
     """
-    if os.environ.get("OPENCV_LOG_LEVEL"):
+    global _quiet_depth, _quiet_saved_level
+    if os.environ.get("OPENCV_LOG_LEVEL") or not QUIET_OPENCV_ON_OPEN:
         yield
         return
-    level = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_saved_level = cv2.utils.logging.getLogLevel()
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+        _quiet_depth += 1
     try:
         yield
     finally:
-        cv2.utils.logging.setLogLevel(level)
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                cv2.utils.logging.setLogLevel(_quiet_saved_level)
 
 
 class FrameBuffer:

@@ -1,6 +1,7 @@
 """`realtime-cam bench` runs, and its JSON holds what a reader needs (the speed itself is not asserted)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -21,8 +22,9 @@ def test_bench_writes_a_complete_report_and_a_chart(mnv2_int8_onnx, tmp_path, ca
     report = json.loads(out_json.read_text())
     env = report["environment"]
     for key in ("realtime_cam", "python", "numpy", "opencv", "onnxruntime", "onnxruntime_providers", "cpu",
-                "cpu_count", "usable_cores", "opencv_threads", "load_average_at_start"):
+                "cpu_count", "usable_cores", "opencv_threads"):
         assert key in env, key
+    assert "load_average_at_start" in env or not hasattr(os, "getloadavg")
     assert report["config"]["frames"] == 30 and report["config"]["source_size_wh"] == [640, 360]
     rows = [r for r in report["results"] if r["device"] == "cpu"]
     assert len(rows) == 2

@@ -106,6 +106,14 @@ def test_out_of_range_options_are_usage_errors(argv, capsys):
     assert err[0].endswith(f"(see realtime-cam {argv[0]} --help)")
 
 
+def test_an_unknown_option_is_named_by_its_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--bogus", "1"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == \
+        "realtime-cam run: error: unrecognized arguments: --bogus 1 (see realtime-cam run --help)"
+
+
 def test_no_command_shows_the_commands(capsys):
     assert main([]) == 2
     out = capsys.readouterr().out

@@ -153,14 +153,15 @@ def test_opencv_runs_single_threaded_on_few_cores_and_comes_back(mnv2, monkeypat
     spy = ThreadCountSpy()
     run_loop(mnv2, numbered_frames(4), sinks=[spy])
     assert spy.seen == during and cv2.getNumThreads() == 3
+    if few:  # a run that fails puts the pool back too
 
-    class Failing(Sink):
-        def write(self, image_bgr):
-            raise OSError("disk full")
+        class Failing(Sink):
+            def write(self, image_bgr):
+                raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
-        run_loop(mnv2, numbered_frames(4), sinks=[Failing()])
-    assert cv2.getNumThreads() == 3
+        with pytest.raises(OSError, match="disk full"):
+            run_loop(mnv2, numbered_frames(4), sinks=[Failing()])
+        assert cv2.getNumThreads() == 3
 
 
 def test_files_are_decoded_by_one_thread_only_on_few_cores(monkeypatch):

@@ -252,11 +252,15 @@ def test_a_folder_of_clips_and_images_shares_the_budget_between_them(tmp_path):
         writer.release()
     cv2.imwrite(str(clips / "still.png"), np.full((10, 10, 3), 255, np.uint8))
     (clips / "notes.txt").write_text("not a frame source")
+    (clips / "._a.avi").write_bytes(b"macOS resource fork, not a video")  # hidden files are not sources
 
     levels = [round(float(f.mean()), -1) for f in sample_frames(clips, 9)]
     assert sorted(levels) == [10.0] * 4 + [100.0] * 4 + [260.0]  # the still (255) once, 4 + 4 from the clips
     (clips / "still.png").unlink()
     assert len(list(sample_frames(clips, 6))) == 6
+    # a clip the budget does not reach is not even opened: one frame from each of a.avi and b.avi
+    (clips / "zz-broken.avi").write_bytes(b"not a video at all")
+    assert sorted(round(float(f.mean()), -1) for f in sample_frames(clips, 2)) == [10.0, 100.0]
 
 
 def test_every_calibration_names_an_onnxruntime_method():

@@ -3,13 +3,14 @@
 import threading
 import time
 
+import cv2
 import numpy as np
 import pytest
 
 from conftest import needs_shared, shared
 from mjpeg_server import MjpegServer
 from realtime_cam.errors import SourceError
-from realtime_cam.sources import SOURCE_KINDS, Frame, FrameBuffer, open_source
+from realtime_cam.sources import SOURCE_KINDS, Frame, FrameBuffer, open_source, opencv_quiet
 
 
 def _frame(i):
@@ -125,3 +126,25 @@ def test_every_source_kind_is_registered_with_a_test_and_an_opener():
     assert list(SOURCE_KINDS) == ["webcam", "stream", "image", "video"]
     for accepts, opener in SOURCE_KINDS.values():
         assert callable(accepts) and callable(opener)
+
+
+def test_opencv_quiet_blocks_may_overlap_across_threads(monkeypatch):
+    """A stream reconnecting in its capture thread while another source opens: the level comes back once both end."""
+    monkeypatch.delenv("OPENCV_LOG_LEVEL", raising=False)
+    before = cv2.utils.logging.getLogLevel()
+    first_in, second_done = threading.Event(), threading.Event()
+
+    def reconnecting():
+        with opencv_quiet():
+            first_in.set()
+            second_done.wait(5)
+
+    thread = threading.Thread(target=reconnecting)
+    thread.start()
+    first_in.wait(5)
+    with opencv_quiet():  # starts after the first, ends before it
+        assert cv2.utils.logging.getLogLevel() == cv2.utils.logging.LOG_LEVEL_SILENT
+    assert cv2.utils.logging.getLogLevel() == cv2.utils.logging.LOG_LEVEL_SILENT  # the first is still open
+    second_done.set()
+    thread.join(5)
+    assert cv2.utils.logging.getLogLevel() == before
