@@ -4,6 +4,7 @@ The seed approach (PyTorch eager) and ONNX Runtime inference alone, each on a qu
 one busy-looping process beside it. Usage: python scripts/contention.py MODEL.onnx VIDEO
 (docs/bench/contention.log: ResNet18 from `export --weights none`, bottle-detection.mp4, 2 cores).
 """
+import os
 import subprocess
 import sys
 import time
@@ -13,10 +14,11 @@ from realtime_cam.model import CamModel
 from realtime_cam.export.seed_baseline import time_seed_approach
 
 model_path, video = sys.argv[1], sys.argv[2]
+print("load average before (1, 5, 15 min):", " ".join(f"{v:.2f}" for v in os.getloadavg()), flush=True)
 frames = load_frames(video, 120)
 model = CamModel(model_path, "cpu")
 mean, std = model.info.mean, model.info.std
-for rep in range(2):
+for rep in range(3):
     for busy in (False, True):
         hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
         try:
