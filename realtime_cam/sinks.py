@@ -201,6 +201,9 @@ class WindowSink(Sink):
 
     def __init__(self, title: str = "realtime-cam") -> None:
         self.title = title
+        # opencv-python's Qt ships no fonts and warns about it on every run ("QFontDatabase: Cannot find font
+        # directory ..."); the window draws no text of its own. A user's QT_LOGGING_RULES wins.
+        os.environ.setdefault("QT_LOGGING_RULES", "default.warning=false")
         try:
             cv2.namedWindow(title, cv2.WINDOW_NORMAL | cv2.WINDOW_KEEPRATIO)
         except cv2.error as exc:
