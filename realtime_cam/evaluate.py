@@ -42,7 +42,7 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -53,6 +53,9 @@ from .errors import CamError, SinkError
 from .localize import Box, cam_box, iou, upsample
 from .progress import Progress
 from .sinks import write_json
+
+if TYPE_CHECKING:  # run_evaluate imports the model (and ONNX Runtime) only when it runs
+    from .model import CamModel, Prediction
 
 log = logging.getLogger("realtime_cam")
 
@@ -773,40 +776,20 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
     outside_crop: list[tuple[str, int]] = []
     start = time.perf_counter()
     for done, (gt, path) in enumerate(zip(truths, paths), 1):
-        frame = read_image(path)
-        h, w = frame.shape[:2]
-        if gt.size_wh is not None and gt.size_wh != (w, h):
-            raise CamError(f"{gt.where}: the annotation says {gt.size_wh[0]}x{gt.size_wh[1]} but {path.name} "
-                           f"is {w}x{h}")
-        if config.crop == "center":
-            tf = center_crop_transform((w, h), model.info.input_size_hw)
-            frame = apply_crop(frame, tf)
-            gt_boxes = crop_boxes(clip_boxes(gt.boxes_xyxy, (w, h)), tf)
-            if not gt_boxes:  # nothing of the object is in what the model sees: no map can find it
-                outside_crop.append((gt.file, gt.class_id))
-                if bar is not None and done < len(truths):
-                    bar.update(done, done / max(time.perf_counter() - start, 1e-9))
-                continue
+        scored = _score_row(model, config, gt, path)
+        if scored is None:  # nothing of the object is in what the model sees: no map can find it
+            outside_crop.append((gt.file, gt.class_id))
         else:
-            gt_boxes = clip_boxes(gt.boxes_xyxy, (w, h))
-        eval_h, eval_w = frame.shape[:2]
-        logits, features = model.infer(frame)
-        prediction = model.explain(logits, features, class_id=gt.class_id, method=config.method,
-                                   topk=config.topk)
-        result = score_image(
-            prediction.cam, gt_boxes, (eval_w, eval_h), gt.class_id, rank_classes(logits, config.topk),
-            file=gt.file, box_threshold=config.box_threshold, pointing_tolerance=config.pointing_tolerance,
-            top1_tie=bool(np.count_nonzero(logits == logits.max()) > 1),
-        )
-        results.append(result)
-        if config.save_dir is not None:
-            out_path = config.save_dir / Path(gt.file).with_suffix(".jpg")
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            image = draw_result(frame, prediction.cam, result, labels, config.box_threshold)
-            if not cv2.imwrite(str(out_path), image, [cv2.IMWRITE_JPEG_QUALITY, 90]):
-                raise SinkError(f"cannot write {out_path}")
-        if on_image is not None:
-            on_image(result)
+            frame, prediction, result = scored
+            results.append(result)
+            if config.save_dir is not None:
+                out_path = config.save_dir / Path(gt.file).with_suffix(".jpg")
+                out_path.parent.mkdir(parents=True, exist_ok=True)
+                image = draw_result(frame, prediction.cam, result, labels, config.box_threshold)
+                if not cv2.imwrite(str(out_path), image, [cv2.IMWRITE_JPEG_QUALITY, 90]):
+                    raise SinkError(f"cannot write {out_path}")
+            if on_image is not None:
+                on_image(result)
         if bar is not None and done < len(truths):  # close() prints the last line
             elapsed = time.perf_counter() - start
             bar.update(done, done / elapsed if elapsed > 0 else 0.0)
@@ -819,6 +802,34 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
     summary = summarize(results, topk=config.topk)
     return EvalReport(config=config, summary=summary, results=tuple(results), labels=tuple(labels),
                       seconds=elapsed, outside_crop=tuple(outside_crop))
+
+
+def _score_row(model: CamModel, config: EvaluateConfig, gt: GroundTruth,
+               path: Path) -> tuple[np.ndarray, Prediction, ImageResult] | None:
+    """One (image, class) row: the image as the model saw it, the prediction and the scores; None when
+    ``--crop center`` cut every box of the class away."""
+    frame = read_image(path)
+    h, w = frame.shape[:2]
+    if gt.size_wh is not None and gt.size_wh != (w, h):
+        raise CamError(f"{gt.where}: the annotation says {gt.size_wh[0]}x{gt.size_wh[1]} but {path.name} "
+                       f"is {w}x{h}")
+    if config.crop == "center":
+        tf = center_crop_transform((w, h), model.info.input_size_hw)
+        frame = apply_crop(frame, tf)
+        gt_boxes = crop_boxes(clip_boxes(gt.boxes_xyxy, (w, h)), tf)
+        if not gt_boxes:
+            return None
+    else:
+        gt_boxes = clip_boxes(gt.boxes_xyxy, (w, h))
+    eval_h, eval_w = frame.shape[:2]
+    logits, features = model.infer(frame)
+    prediction = model.explain(logits, features, class_id=gt.class_id, method=config.method, topk=config.topk)
+    result = score_image(
+        prediction.cam, gt_boxes, (eval_w, eval_h), gt.class_id, rank_classes(logits, config.topk),
+        file=gt.file, box_threshold=config.box_threshold, pointing_tolerance=config.pointing_tolerance,
+        top1_tie=bool(np.count_nonzero(logits == logits.max()) > 1),
+    )
+    return frame, prediction, result
 
 
 # ----------------------------------------------------------------------------- output

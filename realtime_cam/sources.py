@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import SourceError
 from .preprocess import as_bgr
-from .threads import HELPER_CPU, few_cores, lower_this_threads_priority
+from .threads import HELPER_CPU, ProcessWideOverride, few_cores, lower_this_threads_priority
 
 log = logging.getLogger("realtime_cam")
 
@@ -51,9 +51,8 @@ class Frame:
 
 # realtime-cam --debug turns this off, so that OpenCV's own reasons show (see opencv_quiet).
 QUIET_OPENCV_ON_OPEN = True
-_quiet_lock = threading.Lock()
-_quiet_depth = 0
-_quiet_saved_level = 0
+_OPENCV_SILENT = ProcessWideOverride(cv2.utils.logging.getLogLevel, cv2.utils.logging.setLogLevel,
+                                     cv2.utils.logging.LOG_LEVEL_SILENT)
 
 
 @contextlib.contextmanager
@@ -62,25 +61,13 @@ def opencv_quiet() -> Iterator[None]:
 
     Opening a source that is not there makes every backend OpenCV tries print its failure (a dozen lines for
     a missing webcam); the one line that says what is wrong is ours. The level is the process's: blocks may
-    nest and overlap across threads (a stream reconnecting in its capture thread), and the last one to end
-    puts the level back.
+    overlap across threads (a stream reconnecting in its capture thread), and the last one to end puts it back.
     """
-    global _quiet_depth, _quiet_saved_level
     if os.environ.get("OPENCV_LOG_LEVEL") or not QUIET_OPENCV_ON_OPEN:
         yield
         return
-    with _quiet_lock:
-        if _quiet_depth == 0:
-            _quiet_saved_level = cv2.utils.logging.getLogLevel()
-            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-        _quiet_depth += 1
-    try:
+    with _OPENCV_SILENT.held():
         yield
-    finally:
-        with _quiet_lock:
-            _quiet_depth -= 1
-            if _quiet_depth == 0:
-                cv2.utils.logging.setLogLevel(_quiet_saved_level)
 
 
 class FrameBuffer:

@@ -6,7 +6,7 @@ import contextlib
 import os
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import cv2
 
@@ -48,34 +48,50 @@ def few_cores() -> bool:
     return usable_cores() <= FEW_CORES
 
 
-_opencv_lock = threading.Lock()
-_opencv_users = 0
-_opencv_previous = 0
+class ProcessWideOverride:
+    """A process-wide setting held at another value while any holder needs it.
+
+    Holders may nest and overlap across threads: the first to enter saves the setting and overrides it, the
+    last to leave puts it back as it was.
+    """
+
+    def __init__(self, get: Callable[[], object], set_: Callable[[object], object], value: object) -> None:
+        self._get, self._set, self._value = get, set_, value
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._saved: object = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            if self._holders == 0:
+                self._saved = self._get()
+                self._set(self._value)
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if self._holders == 0:
+                    self._set(self._saved)
+
+
+_OPENCV_ONE_THREAD = ProcessWideOverride(cv2.getNumThreads, cv2.setNumThreads, 1)
 
 
 @contextlib.contextmanager
 def single_threaded_opencv() -> Iterator[None]:
     """OpenCV's own thread pool off while a pipelined run needs the cores, on machines with few cores.
 
-    OpenCV's setting is process-wide, so this is reference-counted: the pool comes back, as it was, when
-    the last run that turned it off ends.
+    OpenCV's setting is process-wide: the pool comes back, as it was, when the last run that turned it off
+    ends.
     """
-    global _opencv_users, _opencv_previous
     if not few_cores():
         yield
         return
-    with _opencv_lock:
-        if _opencv_users == 0:
-            _opencv_previous = cv2.getNumThreads()
-            cv2.setNumThreads(1)
-        _opencv_users += 1
-    try:
+    with _OPENCV_ONE_THREAD.held():
         yield
-    finally:
-        with _opencv_lock:
-            _opencv_users -= 1
-            if _opencv_users == 0:
-                cv2.setNumThreads(_opencv_previous)
 
 
 class HelperCpu:
