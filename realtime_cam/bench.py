@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -223,6 +224,27 @@ def bench_seed(model: CamModel, frames: list[np.ndarray], device: str, warmup: i
     return time_seed_approach(model.info.input_size_hw, model.info.mean, model.info.std, frames, device, warmup)
 
 
+def source_revision(package_dir: Path | None = None) -> dict | None:
+    """The git commit the running code comes from, when it runs from a checkout (an editable install).
+
+    Returns {"commit": sha, "dirty": whether tracked files differ from it}, or None when the package's own
+    files are not tracked by git (an installed wheel, even inside a repository; no git at all).
+    """
+    where = str(package_dir or Path(__file__).resolve().parent)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", where, *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        git("ls-files", "--error-unmatch", "__init__.py")
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
+
+
 def environment() -> dict:
     """Versions, CPU model and thread counts: what a reader needs to compare two benchmark runs."""
     import onnxruntime as ort
@@ -243,6 +265,9 @@ def environment() -> dict:
         "usable_cores": usable_cores(),
         "opencv_threads": cv2.getNumThreads(), "platform": platform.platform(),
     }
+    revision = source_revision()
+    if revision is not None:  # which code made these figures
+        env["git"] = revision
     if hasattr(os, "getloadavg"):  # other work on the machine when the run began (1, 5, 15 min averages)
         env["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
     from importlib import metadata

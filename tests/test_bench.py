@@ -9,6 +9,7 @@ import cv2
 import pytest
 
 from conftest import needs_shared, shared
+from realtime_cam.bench import source_revision
 from realtime_cam.cli import main
 from realtime_cam.model import CamModel
 
@@ -25,6 +26,7 @@ def test_bench_writes_a_complete_report_and_a_chart(mnv2_int8_onnx, tmp_path, ca
                 "cpu_count", "usable_cores", "opencv_threads"):
         assert key in env, key
     assert "load_average_at_start" in env or not hasattr(os, "getloadavg")
+    assert env.get("git") == source_revision()  # the commit, when the code runs from a checkout
     assert report["config"]["frames"] == 30 and report["config"]["source_size_wh"] == [640, 360]
     rows = [r for r in report["results"] if r["device"] == "cpu"]
     assert len(rows) == 2
@@ -111,3 +113,26 @@ def test_io_binding_that_fails_is_reported_and_the_rest_still_runs(mnv2_int8_onn
     captured = capsys.readouterr()
     assert "(IO binding), 1 per call: did not run: no binding on this provider" in captured.out  # the table
     assert "IO binding did not run (no binding on this provider)" in captured.err                # progress
+
+
+def test_bench_json_names_the_commit_only_when_the_code_is_tracked(tmp_path):
+    """environment.git says which code made the figures; an installed copy inside a repository names none."""
+    if subprocess.run(["git", "--version"], capture_output=True).returncode != 0:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    package = repo / "pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("x = 1\n")
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert source_revision(package) is None  # not a repository at all
+    git("init", "-q")
+    assert source_revision(package) is None  # in a repository, but the package's files are not tracked
+    git("add", "pkg/__init__.py")
+    git("commit", "-q", "-m", "first")
+    assert source_revision(package) == {"commit": git("rev-parse", "HEAD"), "dirty": False}
+    (package / "__init__.py").write_text("x = 2\n")
+    assert source_revision(package)["dirty"] is True
