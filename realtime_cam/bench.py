@@ -227,14 +227,17 @@ def bench_seed(model: CamModel, frames: list[np.ndarray], device: str, warmup: i
 def source_revision(package_dir: Path | None = None) -> dict | None:
     """The git commit the running code comes from, when it runs from a checkout (an editable install).
 
-    Returns {"commit": sha, "dirty": whether tracked files differ from it}, or None when the package's own
-    files are not tracked by git (an installed wheel, even inside a repository; no git at all).
+    Returns {"commit": sha, "dirty": whether tracked files differ from it (new, untracked files do not
+    count)}, or None when the package's own files are not tracked by git (an installed wheel, even inside a
+    repository; no git at all).
     """
     where = str(package_dir or Path(__file__).resolve().parent)
+    # A GIT_DIR or GIT_WORK_TREE inherited from a hook would point git at another repository than `where`.
+    env = {k: v for k, v in os.environ.items() if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE")}
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", where, *args], capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
+    def git(*args: str) -> str:  # --no-optional-locks: `status` must not write the index during a benchmark
+        return subprocess.run(["git", "--no-optional-locks", "-C", where, *args], capture_output=True, text=True,
+                              timeout=10, check=True, env=env).stdout.strip()
 
     try:
         git("ls-files", "--error-unmatch", "__init__.py")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -117,16 +118,19 @@ def test_io_binding_that_fails_is_reported_and_the_rest_still_runs(mnv2_int8_onn
 
 def test_bench_json_names_the_commit_only_when_the_code_is_tracked(tmp_path):
     """environment.git says which code made the figures; an installed copy inside a repository names none."""
-    if subprocess.run(["git", "--version"], capture_output=True).returncode != 0:
+    if shutil.which("git") is None:
         pytest.skip("git is not installed")
     repo = tmp_path / "repo"
     package = repo / "pkg"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("x = 1\n")
 
+    # the user's own git configuration (signing, hooks) must not take part
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+
     def git(*args):
         return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
-                              capture_output=True, text=True, check=True).stdout.strip()
+                              capture_output=True, text=True, check=True, env=env).stdout.strip()
 
     assert source_revision(package) is None  # not a repository at all
     git("init", "-q")
@@ -134,5 +138,7 @@ def test_bench_json_names_the_commit_only_when_the_code_is_tracked(tmp_path):
     git("add", "pkg/__init__.py")
     git("commit", "-q", "-m", "first")
     assert source_revision(package) == {"commit": git("rev-parse", "HEAD"), "dirty": False}
+    (package / "scratch.py").write_text("")  # an untracked file does not make the code differ from the commit
+    assert source_revision(package)["dirty"] is False
     (package / "__init__.py").write_text("x = 2\n")
     assert source_revision(package)["dirty"] is True
