@@ -41,7 +41,7 @@ import re
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import cv2
@@ -305,6 +305,19 @@ def load_ground_truth(path: str | os.PathLike, labels: Sequence[str],
     if p.suffix.lower() == ".xml":
         return read_boxes_xml([p], labels, wnids)
     return read_boxes_csv(p, num_classes=len(labels))
+
+
+def overlay_name(gt: GroundTruth) -> str:
+    """The file name of one (image, class) row's overlay in --save-dir.
+
+    Flat, so that an annotation naming "../x.jpg" or an absolute path cannot write outside the folder; with
+    the class in it, so that two classes of one image do not overwrite each other; and never the name of an
+    input image, even when --save-dir is the images folder.
+    """
+    parts = [p for p in PurePath(gt.file).parts if p not in ("..", ".") and not PurePath(p).anchor]
+    if parts:
+        parts[-1] = PurePath(parts[-1]).stem
+    return "__".join(parts or ["image"]) + f".class{gt.class_id}.cam.jpg"
 
 
 def resolve_image(images_dir: Path, gt: GroundTruth) -> Path:
@@ -783,8 +796,7 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
             frame, prediction, result = scored
             results.append(result)
             if config.save_dir is not None:
-                out_path = config.save_dir / Path(gt.file).with_suffix(".jpg")
-                out_path.parent.mkdir(parents=True, exist_ok=True)
+                out_path = config.save_dir / overlay_name(gt)
                 image = draw_result(frame, prediction.cam, result, labels, config.box_threshold)
                 if not cv2.imwrite(str(out_path), image, [cv2.IMWRITE_JPEG_QUALITY, 90]):
                     raise SinkError(f"cannot write {out_path}")

@@ -427,6 +427,8 @@ def test_whole_command_on_imagenet_val_20_matches_an_independent_computation(mnv
                 "pointing_game", "center_baseline", "max_box_acc_threshold", "settings", "per_image"):
         assert key in doc
     assert doc["images"] == 20 and doc["boxes"] == 39 and len(doc["per_image"]) == 20
+    overlays = list((tmp_path / "overlays").iterdir())  # one per (image, class) row, flat in the folder
+    assert len(overlays) == 20 and all(p.name.endswith(".cam.jpg") and p.is_file() for p in overlays)
     assert doc["settings"]["box_threshold"] == 0.2 and doc["settings"]["crop"] == "none"
     expected = independent_numbers(mnv2_int8_onnx, folder)
     for key, value in expected.items():
@@ -531,3 +533,16 @@ def test_an_image_with_two_classes_is_scored_once_per_class(tmp_path):
     path.write_text("file,class_id,x0,y0,x1,y1\na.jpg,1,0,0,3,3\na.jpg,2,5,5,9,9\na.jpg,1,1,1,4,4\n")
     truths = read_boxes_csv(path, num_classes=3)
     assert [(t.file, t.class_id, len(t.boxes_xyxy)) for t in truths] == [("a.jpg", 1, 2), ("a.jpg", 2, 1)]
+
+
+def test_overlay_names_stay_in_the_save_dir_differ_per_class_and_never_reuse_an_input_name():
+    from realtime_cam.evaluate import GroundTruth, overlay_name
+
+    assert overlay_name(GroundTruth("a.JPEG", 5, ())) == "a.class5.cam.jpg"
+    assert overlay_name(GroundTruth("a.JPEG", 7, ())) != overlay_name(GroundTruth("a.JPEG", 5, ()))
+    assert overlay_name(GroundTruth("sub/b.jpg", 1, ())) == "sub__b.class1.cam.jpg"
+    for escaping in ("../outside/victim.jpg", "/abs/victim.jpg", "./../../victim.jpg"):
+        name = overlay_name(GroundTruth(escaping, 3, ()))
+        assert "/" not in name and ".." not in name.split(".class")[0], name
+    for existing in ("x.jpg", "x.class2.cam.jpg"):  # an overlay never takes the name of the image it explains
+        assert overlay_name(GroundTruth(existing, 2, ())) != existing
