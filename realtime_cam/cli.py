@@ -214,7 +214,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .view import ViewState
 
     if args.output is not None:  # refuse an unwritable output before any work is done
-        check_output_path(args.output, {**VIDEO_CODECS, **dict.fromkeys(IMAGE_EXTENSIONS, "")})
+        check_output_path(args.output, {**VIDEO_CODECS, **dict.fromkeys(IMAGE_EXTENSIONS, "")},
+                          inputs=(args.source, args.model))
     if args.no_display and args.output is None:
         log.info("--no-display without --output: frames are processed and dropped (a dry run)")
     model_path = args.model
@@ -269,6 +270,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         output = default_model_path(args.from_onnx.stem)
     if output.suffix.lower() != ".onnx":
         raise CamError(f"--output must name an .onnx file; got {output.name}")
+    from .sinks import check_not_an_input
+
+    check_not_an_input(output, (args.from_onnx, args.weights, args.labels))
     if args.int8 and not args.calibrate:
         raise CamError("--int8 needs --calibrate SOURCE: frames (videos, images, folders) to set activation ranges")
     if (args.calibrate or args.check) and not (args.int8 or args.fp16):

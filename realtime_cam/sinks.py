@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -55,8 +56,9 @@ class NullSink(Sink):
         pass
 
 
-def check_output_path(path: str | os.PathLike, allowed: set[str] | dict[str, str]) -> Path:
-    """Refuse, before any work is done, an output the run could not write."""
+def check_output_path(path: str | os.PathLike, allowed: set[str] | dict[str, str],
+                      inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+    """Refuse, before any work is done, an output the run could not write, or one that is also an input."""
     out = Path(path)
     if out.suffix.lower() not in allowed:
         raise SinkError(f"cannot write {out.name}: use one of {', '.join(sorted(allowed))}")
@@ -67,7 +69,22 @@ def check_output_path(path: str | os.PathLike, allowed: set[str] | dict[str, str
         raise SinkError(f"output folder is not writable: {parent}")
     if out.is_dir():
         raise SinkError(f"output path is a directory: {out}")
+    check_not_an_input(out, inputs)
     return out
+
+
+def check_not_an_input(path: str | os.PathLike, inputs: Sequence[str | os.PathLike | None]) -> None:
+    """Refuse an output that is the same file as one of the inputs (by path, link or hard link)."""
+    out = Path(path)
+    for given in inputs:
+        if given is None or not out.exists():
+            continue
+        try:
+            same = os.path.samefile(out, given)
+        except (OSError, TypeError, ValueError):  # not a file: a webcam index, a URL, a weights name
+            same = False
+        if same:
+            raise SinkError(f"{out} is also an input ({given}): writing it would destroy it; choose another output")
 
 
 def temporary_name(path: Path) -> Path:

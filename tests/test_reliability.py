@@ -207,6 +207,26 @@ class FailingSink(Sink):
 
 
 @needs_shared
+def test_an_output_that_is_the_source_or_the_model_is_refused(mnv2_int8_onnx, tmp_path, capsys):
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(shared("videos", "bottle-detection.mp4").read_bytes())
+    before = video.read_bytes()
+    link = tmp_path / "same.mp4"
+    link.symlink_to(video)
+    for output in (video, link, tmp_path / "." / "clip.mp4"):
+        line = one_line_error(capsys, 2, ["run", "--model", str(mnv2_int8_onnx), "--source", str(video),
+                                          "--output", str(output), "--no-display", "--max-frames", "5"])
+        assert "is also an input" in line
+    assert video.read_bytes() == before
+    # export: rewriting a model onto itself would destroy the model it reads
+    model = tmp_path / "m.onnx"
+    model.write_bytes(shared("models", "mobilenetv2-12-int8.onnx").read_bytes())
+    line = one_line_error(capsys, 2, ["export", "--from-onnx", str(model), "--output", str(model)])
+    assert "is also an input" in line
+    assert model.read_bytes() == shared("models", "mobilenetv2-12-int8.onnx").read_bytes()
+
+
+@needs_shared
 def test_a_crash_in_the_render_thread_stops_the_run_with_its_error(mnv2_int8_onnx):
     model = CamModel(mnv2_int8_onnx, device="cpu")
     done = []
