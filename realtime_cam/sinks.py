@@ -186,12 +186,39 @@ class VideoFileSink(Sink):
         self._thread.join()
         self._writer.release()
         self._closed = True
+        if self._error is None and self.frames_written and self._tmp.exists():
+            # OpenCV's writer does not report a failed write (a full disk, a file-size limit): it only logs.
+            # So the finished file is read back before it takes the real name.
+            in_file = frames_in_file(self._tmp)
+            if in_file < min_frames_expected(self.frames_written):
+                self._tmp.unlink(missing_ok=True)
+                found = "no readable video" if in_file < 0 else f"{in_file} of {self.frames_written} frames"
+                raise SinkError(f"writing {self.path} failed: the finished file holds {found} "
+                                "(is the disk full?); nothing was kept")
         if self.frames_written and self._tmp.exists():
             os.replace(self._tmp, self.path)
         else:
             self._tmp.unlink(missing_ok=True)
         if self._error is not None:
             raise SinkError(f"writing {self.path} failed: {self._error}")
+
+
+def frames_in_file(path: Path) -> int:
+    """The frame count a video file's container states (-1: it does not open as a video), read quietly."""
+    from .sources import opencv_quiet
+
+    with opencv_quiet():
+        cap = cv2.VideoCapture(str(path))
+        try:
+            return int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else -1
+        finally:
+            cap.release()
+
+
+def min_frames_expected(written: int) -> int:
+    """Fewest frames a finished file may state: containers without a frame count (Matroska) estimate it from
+    the duration, which may be a frame or so short; a file cut off by a full disk is far shorter."""
+    return max(1, written - max(2, written // 100))
 
 
 class ImageFileSink(Sink):

@@ -22,7 +22,7 @@ from realtime_cam import CamModel
 from realtime_cam.cli import main
 from realtime_cam.errors import ModelError, SinkError, SourceError
 from realtime_cam.pipeline import RunOptions, run_loop
-from realtime_cam.sinks import Sink, VideoFileSink
+from realtime_cam.sinks import VIDEO_CODECS, Sink, VideoFileSink
 from realtime_cam.sources import open_source
 
 
@@ -274,12 +274,40 @@ def test_a_video_is_written_under_a_temporary_name_until_it_is_complete(tmp_path
     assert out.exists() and not list(tmp_path.glob(".*partial*")) and frame_count(out) == 1
 
 
+@pytest.mark.parametrize("ext", sorted(VIDEO_CODECS))
+def test_every_container_passes_the_read_back_with_every_frame(tmp_path, ext):
+    """The finished file is read back before it takes its name: no container may fail that check."""
+    out = tmp_path / f"o{ext}"
+    with VideoFileSink(out, 25, (64, 48)) as sink:
+        for i in range(37):
+            sink.write(np.full((48, 64, 3), i * 6, np.uint8))
+    assert out.exists() and frame_count(out) == 37 and not list(tmp_path.glob(".*partial*"))
+
+
 def test_a_crash_leaves_no_file_that_looks_complete(tmp_path):
     out = tmp_path / "o.mp4"
     code = ("import os, numpy as np; from realtime_cam.sinks import VideoFileSink; "
             f"s = VideoFileSink({str(out)!r}, 25, (64, 48)); s.write(np.zeros((48, 64, 3), np.uint8)); os._exit(9)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9
     assert not out.exists()
+
+
+@needs_shared
+@pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX file-size limits (resource.RLIMIT_FSIZE)")
+def test_a_video_the_disk_could_not_hold_is_an_error_not_a_success(mnv2_int8_onnx, tmp_path):
+    """OpenCV's writer only logs failed writes; a file cut short (here by a file-size limit, as by a full
+    disk) must not be reported as written, nor take the output's name."""
+    out = tmp_path / "o.mp4"
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
+            "from realtime_cam.cli import main; sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", code, "run", "--model", str(mnv2_int8_onnx), "--source",
+                           str(shared("videos", "bottle-detection.mp4")), "--output", str(out), "--no-display",
+                           "--max-frames", "150"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "wrote" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"realtime-cam: error: writing {out} failed: ")
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
 
 
 def test_closing_the_buffer_releases_a_waiting_consumer():
