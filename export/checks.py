@@ -63,9 +63,15 @@ def replace_atomically(model: onnx.ModelProto, output: Path, verify: Callable[[P
         output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.partial")
     try:
-        onnx.save(model, str(tmp))
+        try:
+            onnx.save(model, str(tmp))
+        except OSError as exc:  # a full disk, a folder that became read-only
+            raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
         result = verify(tmp)
-        os.replace(tmp, output)
+        try:
+            os.replace(tmp, output)
+        except OSError as exc:
+            raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
         return result
     finally:
         tmp.unlink(missing_ok=True)

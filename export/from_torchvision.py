@@ -230,8 +230,16 @@ def build_model(arch: str, weights: str, log: Callable[[str], None] = print) -> 
         log(f"downloading {chosen.url} into {checkpoint.parent}")
     try:
         model = torchvision.models.get_model(arch, weights=chosen)
-    except (urllib.error.URLError, OSError, RuntimeError) as exc:
-        reason = getattr(exc, "reason", None) or str(exc).splitlines()[0]
+    except (urllib.error.URLError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        reason = str(getattr(exc, "reason", None) or exc).splitlines()[0][:200] or type(exc).__name__
+        if checkpoint.exists() and not isinstance(exc, (urllib.error.URLError, OSError)):
+            # A half-finished download or copy: torch.load cannot read it, and would fail the same way next time.
+            raise ExportError(
+                f"the cached weights file {checkpoint} is damaged ({reason}); delete it and export again, or put "
+                f"a complete copy of {chosen.url} there"
+            ) from None
+        if isinstance(exc, (EOFError, ValueError, pickle.UnpicklingError)):
+            raise
         raise ExportError(
             f"could not get {arch} weights {chosen} ({reason}); offline, download {chosen.url} and put it at "
             f"{checkpoint} (TORCH_HOME sets the folder), or export from a local file: realtime-cam export --weights PATH"

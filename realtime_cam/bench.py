@@ -86,12 +86,35 @@ def load_frames(source: str, count: int) -> list[np.ndarray]:
             if src.live:
                 raise CamError("bench needs a video file as --source (frames are replayed from memory)")
             for frame in src:
+                if not frames:
+                    check_frames_fit_in_memory(count, frame.image_bgr.nbytes)
                 frames.append(frame.image_bgr)
                 if len(frames) == count:
                     break
         if len(frames) == before:
             raise CamError(f"no frames in {source}")
     return frames
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable), or None where it is not known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_frames_fit_in_memory(count: int, frame_bytes: int, available: int | None = None) -> None:
+    """bench replays its frames from memory: refuse, in one line, a --frames that would not fit in half of it."""
+    available = available_memory() if available is None else available
+    needed = count * frame_bytes
+    if available is not None and needed > available // 2:
+        raise CamError(f"{count} frames (--frames and the warm-up) would take {needed / 2**30:.1f} GiB of memory "
+                       f"({available / 2**30:.1f} GiB available); use a smaller --frames")
 
 
 def check_enough_frames(frames: int, warmup: int, batches: Sequence[int]) -> None:

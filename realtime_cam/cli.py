@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import re
 import signal
 import sys
@@ -20,7 +21,9 @@ from .cliutil import (
     add_debug_flag,
     batch_count,
     device_list,
+    finite_float,
     fraction,
+    input_side,
     non_negative_int,
     positive_float,
     positive_int,
@@ -148,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "for 1000 classes, else numbered)")
     export.add_argument("--from-onnx", type=Path, default=None, metavar="CLASSIFIER.onnx",
                         help="rewrite this ONNX classifier (GAP + linear head, float or quantized) instead")
-    export.add_argument("--input-size", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
+    export.add_argument("--input-size", type=input_side, nargs=2, metavar=("H", "W"), default=None,
                         help="--from-onnx: input size when the model's is not fixed")
-    export.add_argument("--mean", type=float, nargs=3, default=None,
+    export.add_argument("--mean", type=finite_float, nargs=3, default=None,
                         help="--from-onnx: per-channel mean on the 0..1 scale (default ImageNet's)")
     export.add_argument("--std", type=positive_float, nargs=3, default=None,
                         help="--from-onnx: per-channel std on the 0..1 scale (default ImageNet's)")
@@ -273,6 +276,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .sinks import check_not_an_input
 
     check_not_an_input(output, (args.from_onnx, args.weights, args.labels))
+    _check_export_output(output)
     if args.int8 and not args.calibrate:
         raise CamError("--int8 needs --calibrate SOURCE: frames (videos, images, folders) to set activation ranges")
     if (args.calibrate or args.check) and not (args.int8 or args.fp16):
@@ -295,6 +299,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         else:
             convert_fp16(fp32, output, check=args.check, log=log.info)
     return EXIT_OK
+
+
+def _check_export_output(output: Path) -> None:
+    """Refuse, before any work, a model file that could not be written where it is asked for."""
+    if output.is_dir():
+        raise CamError(f"--output {output} is a folder; name the .onnx file to write")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CamError(f"cannot make the folder for {output}: {exc.strerror or exc}") from None
+    if not os.access(output.parent, os.W_OK):
+        raise CamError(f"output folder is not writable: {output.parent}")
 
 
 def _export_fp32(args: argparse.Namespace, output: Path) -> None:

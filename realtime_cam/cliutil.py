@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from typing import NoReturn
 
 DEVICES_FOR_BENCH = ("cpu", "cuda")
@@ -36,6 +37,29 @@ def _number(text: str, kind: type) -> float:
         raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
+
+
+def whole_number(text: str) -> int | None:
+    """The integer a user typed ("7", "-3"), or None for anything else ("--5", "²", "7.0", "seven").
+
+    str.isdigit accepts characters int() refuses (superscripts), so the check is on ASCII digits."""
+    text = text.strip()
+    return int(text) if re.fullmatch(r"[+-]?[0-9]+", text) else None
+
+
+def finite_float(text: str) -> float:
+    return _number(text, float)
+
+
+MAX_INPUT_SIDE = 8192
+
+
+def input_side(text: str) -> int:
+    """A model input height or width: 1 to MAX_INPUT_SIDE pixels."""
+    value = positive_int(text)
+    if value > MAX_INPUT_SIDE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_INPUT_SIDE}, got {text}")
     return value
 
 

@@ -81,6 +81,8 @@ def load_labels(path: str | None = None) -> tuple[str, ...]:
                 text = fh.read()
         except OSError as exc:
             raise ModelError(f"cannot read labels file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ModelError(f"labels file {path} is not a UTF-8 text file (one class name per line)") from None
     labels = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not labels:
         raise ModelError(f"labels file {path} holds no names")

@@ -48,7 +48,7 @@ import cv2
 import numpy as np
 
 from .cams import METHODS, top_k_ids
-from .cliutil import HelpFormatter, fraction, non_negative_float, positive_int
+from .cliutil import HelpFormatter, fraction, non_negative_float, positive_int, whole_number
 from .errors import CamError, SinkError
 from .localize import Box, cam_box, iou, upsample
 from .progress import Progress
@@ -179,9 +179,9 @@ def read_boxes_csv(path: Path, num_classes: int | None = None) -> list[GroundTru
                 if not file:
                     raise CamError(f"{where}: empty file name")
                 class_text = row[index["class_id"]].strip()
-                if not class_text.lstrip("-").isdigit():
+                class_id = whole_number(class_text)
+                if class_id is None:
                     raise CamError(f"{where}: class_id is not a whole number: {class_text!r}")
-                class_id = int(class_text)
                 if class_id < 0 or (num_classes is not None and class_id >= num_classes):
                     raise CamError(f"{where}: class_id {class_id} is out of range for a model with "
                                    f"{num_classes} classes")
@@ -216,6 +216,8 @@ def load_wnids(path: str | os.PathLike) -> dict[str, int]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise CamError(f"cannot read --wnids {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CamError(f"--wnids {path} is not a UTF-8 text file") from None
     wnids = [line.split()[0] for line in lines if line.strip()]
     bad = [w for w in wnids if not WNID_RE.match(w)]
     if bad or not wnids:
@@ -235,9 +237,9 @@ def _class_from_name(name: str, labels: Sequence[str], where: str, wnids: dict[s
         if class_id >= len(labels):
             raise CamError(f"{where}: class id {class_id} is out of range for a model with {len(labels)} classes")
         return class_id
-    if text.isdigit():
-        class_id = int(text)
-        if class_id >= len(labels):
+    class_id = whole_number(text)
+    if class_id is not None:
+        if not 0 <= class_id < len(labels):
             raise CamError(f"{where}: class id {class_id} is out of range for a model with {len(labels)} classes")
         return class_id
     lowered = text.lower()

@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 
 from .cams import METHODS, compute_map, normalize_map, softmax, top_k_ids
+from .cliutil import whole_number
 from .contract import FEATURES, LOGITS, read_contract
 from .errors import CamError, DeviceError, ModelError
 from .preprocess import Preprocessor, as_bgr
@@ -197,9 +198,10 @@ class CamModel:
     def class_id_for(self, name_or_id: str | int) -> int:
         """A class id from an id or a label (exact, then case-insensitive, then a unique prefix)."""
         text = str(name_or_id).strip()
-        if text.lstrip("-").isdigit():
-            self._check_class(int(text))
-            return int(text)
+        number = whole_number(text)
+        if number is not None:
+            self._check_class(number)
+            return number
         lowered = [label.lower() for label in self.labels]
         for candidates in (
             [i for i, label in enumerate(self.labels) if label == text],

@@ -142,3 +142,13 @@ def test_bench_json_names_the_commit_only_when_the_code_is_tracked(tmp_path):
     assert source_revision(package)["dirty"] is False
     (package / "__init__.py").write_text("x = 2\n")
     assert source_revision(package)["dirty"] is True
+
+
+def test_frames_that_would_not_fit_in_memory_are_one_line_before_decoding_them():
+    from realtime_cam.bench import check_frames_fit_in_memory
+    from realtime_cam.errors import CamError
+
+    frame = 640 * 360 * 3
+    check_frames_fit_in_memory(320, frame, available=8 * 2**30)  # 70 MB of 8 GiB: fine
+    with pytest.raises(CamError, match="use a smaller --frames"):
+        check_frames_fit_in_memory(20_020, frame, available=8 * 2**30)  # 13.8 GB

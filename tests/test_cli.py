@@ -70,6 +70,17 @@ def test_export_output_must_be_an_onnx_file(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_export_output_that_is_a_folder_or_not_writable_is_one_line(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "model.onnx"
+    folder.mkdir()
+    assert main(["export", "--weights", "none", "--output", str(folder)]) == 2
+    assert capsys.readouterr().err.strip() == f"realtime-cam: error: --output {folder} is a folder; name the .onnx file to write"
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(tmp_path) else real_access(p, mode, **kw))
+    assert main(["export", "--weights", "none", "--output", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err.strip() == f"realtime-cam: error: output folder is not writable: {tmp_path}"
+
+
 @needs_shared
 def test_live_mjpeg_url_with_max_frames(resnet18_onnx, tmp_path):
     out = tmp_path / "live.avi"
@@ -83,6 +94,8 @@ def test_live_mjpeg_url_with_max_frames(resnet18_onnx, tmp_path):
 @pytest.mark.parametrize("argv,match", [
     (["run", "--source", "/no/such/video.mp4"], "source not found: /no/such/video.mp4"),
     (["run", "--model", "/no/such/model.onnx"], "model file not found"),
+    (["run", "--class=--5"], "no class named '--5'"),            # not a number to int(), and no label
+    (["run", "--class", "\u00b2"], "no class named '\u00b2'"),  # str.isdigit() is True for a superscript
 ])
 def test_user_mistakes_get_one_line_and_exit_code_2(argv, match, capsys, resnet18_onnx):
     if "--model" not in argv:
@@ -95,6 +108,7 @@ def test_user_mistakes_get_one_line_and_exit_code_2(argv, match, capsys, resnet1
 
 @pytest.mark.parametrize("argv", [["run", "--alpha", "2"], ["run", "--max-frames", "0"],
                                   ["run", "--method", "nope"], ["export", "--input-size", "0", "3"],
+                                  ["export", "--input-size", "100000", "100000"], ["export", "--mean", "nan", "0", "0"],
                                   ["run", "--batch", "65"], ["bench", "--batch", "0"]])
 def test_out_of_range_options_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -546,3 +546,26 @@ def test_overlay_names_stay_in_the_save_dir_differ_per_class_and_never_reuse_an_
         assert "/" not in name and ".." not in name.split(".class")[0], name
     for existing in ("x.jpg", "x.class2.cam.jpg"):  # an overlay never takes the name of the image it explains
         assert overlay_name(GroundTruth(existing, 2, ())) != existing
+
+
+@pytest.mark.parametrize("class_text", ["--5", "\u00b2", "7.0"])
+def test_a_class_id_that_is_not_a_whole_number_is_one_line(tmp_path, class_text):
+    from realtime_cam.evaluate import read_boxes_csv
+
+    csv_path = tmp_path / "boxes.csv"
+    csv_path.write_text(f"file,class_id,x0,y0,x1,y1\na.jpg,{class_text},1,1,5,5\n", encoding="utf-8")
+    with pytest.raises(CamError, match="class_id is not a whole number"):
+        read_boxes_csv(csv_path, num_classes=1000)
+
+
+def test_a_wnids_or_labels_file_that_is_not_text_is_one_line(tmp_path):
+    from realtime_cam.contract import load_labels
+    from realtime_cam.errors import ModelError
+    from realtime_cam.evaluate import load_wnids
+
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CamError, match="is not a UTF-8 text file"):
+        load_wnids(binary)
+    with pytest.raises(ModelError, match="is not a UTF-8 text file"):
+        load_labels(str(binary))

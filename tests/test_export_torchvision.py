@@ -92,6 +92,20 @@ def test_offline_with_an_empty_cache_says_where_to_put_the_file(tmp_path, monkey
     assert not (tmp_path / "r.onnx").exists()
 
 
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 half a zip file"])
+def test_a_damaged_file_in_the_weights_cache_is_one_line_saying_what_to_do(tmp_path, monkeypatch, capsys, content):
+    """A half-finished manual download (the offline advice asks for one) must not be a torch.load traceback."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    checkpoint = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(content)
+    assert main(["export", "--output", str(tmp_path / "r.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"realtime-cam: error: the cached weights file {checkpoint} is damaged")
+    assert not (tmp_path / "r.onnx").exists()
+
+
 def test_a_pth_holding_pickled_code_is_refused(tmp_path, capsys):
     class Payload:
         def __reduce__(self):
