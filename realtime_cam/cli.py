@@ -212,10 +212,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import RunOptions, hold_window, run_loop
     from .progress import Progress
     from .sinks import IMAGE_EXTENSIONS, VIDEO_CODECS, ImageFileSink, VideoFileSink, WindowSink, check_output_path
-    from .sources import open_source
+    from .sources import check_source, open_source
     from .temporal import TemporalOptions
     from .view import ViewState
 
+    check_source(args.source)  # a typo is reported before a model is loaded (or exported the first time)
     if args.output is not None:  # refuse an unwritable output before any work is done
         check_output_path(args.output, {**VIDEO_CODECS, **dict.fromkeys(IMAGE_EXTENSIONS, "")},
                           inputs=(args.source, args.model))

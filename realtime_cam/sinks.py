@@ -60,6 +60,8 @@ def check_output_path(path: str | os.PathLike, allowed: set[str] | dict[str, str
                       inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
     """Refuse, before any work is done, an output the run could not write, or one that is also an input."""
     out = Path(path)
+    if out.is_dir():
+        raise SinkError(f"output path is a directory: {out}")
     if out.suffix.lower() not in allowed:
         raise SinkError(f"cannot write {out.name}: use one of {', '.join(sorted(allowed))}")
     parent = out.parent if str(out.parent) else Path(".")
@@ -67,8 +69,6 @@ def check_output_path(path: str | os.PathLike, allowed: set[str] | dict[str, str
         raise SinkError(f"output folder does not exist: {parent}")
     if not os.access(parent, os.W_OK):
         raise SinkError(f"output folder is not writable: {parent}")
-    if out.is_dir():
-        raise SinkError(f"output path is a directory: {out}")
     check_not_an_input(out, inputs)
     return out
 

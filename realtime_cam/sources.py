@@ -335,6 +335,8 @@ def _open_stream(spec: str, reconnect: int = 0) -> FrameSource:
 
 
 def _check_file(spec: str) -> None:
+    if not spec.strip():
+        raise SourceError("--source is empty: give a webcam index, a video or image file, or a URL")
     path = Path(spec)
     if not path.exists():
         raise SourceError(f"source not found: {spec}")
@@ -369,6 +371,14 @@ SOURCE_KINDS: dict[str, tuple[Callable[[str], bool], Callable[..., FrameSource]]
     "image": (_is_image, _open_image),
     "video": (lambda spec: True, _open_video),
 }
+
+
+def check_source(spec: str | int) -> None:
+    """What can be told about a source without opening it (a file that is not there, a directory, an empty
+    file): a one-line SourceError, so that a typo is reported before a model is loaded or exported."""
+    spec = str(spec)
+    if not (_is_webcam(spec) or _is_url(spec)):
+        _check_file(spec)
 
 
 def open_source(spec: str | int, reconnect: int = 0) -> FrameSource:

@@ -94,6 +94,9 @@ def test_live_mjpeg_url_with_max_frames(resnet18_onnx, tmp_path):
 @pytest.mark.parametrize("argv,match", [
     (["run", "--source", "/no/such/video.mp4"], "source not found: /no/such/video.mp4"),
     (["run", "--model", "/no/such/model.onnx"], "model file not found"),
+    (["run", "--source", ""], "--source is empty"),
+    (["run", "--source", "/no/such.mp4", "--model", "/no/such/model.onnx"], "source not found"),  # source first
+    (["run", "--output", "."], "output path is a directory: ."),
     (["run", "--class=--5"], "no class named '--5'"),            # not a number to int(), and no label
     (["run", "--class", "\u00b2"], "no class named '\u00b2'"),  # str.isdigit() is True for a superscript
 ])
