@@ -52,17 +52,6 @@ def finite_float(text: str) -> float:
     return _number(text, float)
 
 
-MAX_INPUT_SIDE = 8192
-
-
-def input_side(text: str) -> int:
-    """A model input height or width: 1 to MAX_INPUT_SIDE pixels."""
-    value = positive_int(text)
-    if value > MAX_INPUT_SIDE:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_INPUT_SIDE}, got {text}")
-    return value
-
-
 def fraction(text: str) -> float:
     """A number in [0, 1]."""
     value = _number(text, float)
@@ -90,15 +79,25 @@ def positive_int(text: str) -> int:
     return _at_least(text, int, 1, "at least 1")
 
 
+def _from_1_to(text: str, maximum: int) -> int:
+    value = positive_int(text)
+    if value > maximum:
+        raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")
+    return value
+
+
 MAX_BATCH = 64
+MAX_INPUT_SIDE = 8192
 
 
 def batch_count(text: str) -> int:
     """Frames per inference call: 1 to MAX_BATCH (a batch of 4K frames in flight is 100 MB per 4 frames)."""
-    value = positive_int(text)
-    if value > MAX_BATCH:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_BATCH}, got {text}")
-    return value
+    return _from_1_to(text, MAX_BATCH)
+
+
+def input_side(text: str) -> int:
+    """A model input height or width: 1 to MAX_INPUT_SIDE pixels."""
+    return _from_1_to(text, MAX_INPUT_SIDE)
 
 
 def non_negative_int(text: str) -> int:
