@@ -231,7 +231,7 @@ def build_model(arch: str, weights: str, log: Callable[[str], None] = print) -> 
     try:
         model = torchvision.models.get_model(arch, weights=chosen)
     except (urllib.error.URLError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        reason = str(getattr(exc, "reason", None) or exc).splitlines()[0][:200] or type(exc).__name__
+        reason = (str(getattr(exc, "reason", None) or exc).splitlines() or [""])[0][:200] or type(exc).__name__
         if checkpoint.exists() and not isinstance(exc, (urllib.error.URLError, OSError)):
             # A half-finished download or copy: torch.load cannot read it, and would fail the same way next time.
             raise ExportError(

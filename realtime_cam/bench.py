@@ -97,15 +97,23 @@ def load_frames(source: str, count: int) -> list[np.ndarray]:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux's MemAvailable), or None where it is not known."""
+    """Bytes of memory available to new allocations: Linux's MemAvailable, or less when a container's
+    memory limit (cgroup v2) leaves less; None where neither is known."""
+    known = []
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    known.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            known.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(known) if known else None
 
 
 def check_frames_fit_in_memory(count: int, frame_bytes: int, available: int | None = None) -> None:

@@ -277,11 +277,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .sinks import check_not_an_input
 
     check_not_an_input(output, (args.from_onnx, args.weights, args.labels))
-    _check_export_output(output)
     if args.int8 and not args.calibrate:
         raise CamError("--int8 needs --calibrate SOURCE: frames (videos, images, folders) to set activation ranges")
     if (args.calibrate or args.check) and not (args.int8 or args.fp16):
         raise CamError("--calibrate and --check go with --int8 (or --check with --fp16)")
+    _check_export_output(output)  # after the checks above: a usage mistake leaves no new folder behind
     if not (args.int8 or args.fp16):
         _export_fp32(args, output)
         log.info("wrote %s", output)

@@ -317,9 +317,19 @@ def overlay_name(gt: GroundTruth) -> str:
     input image, even when --save-dir is the images folder.
     """
     parts = [p for p in PurePath(gt.file).parts if p not in ("..", ".") and not PurePath(p).anchor]
-    if parts:
-        parts[-1] = PurePath(parts[-1]).stem
     return "__".join(parts or ["image"]) + f".class{gt.class_id}.cam.jpg"
+
+
+def unique_overlay_path(save_dir: Path, gt: GroundTruth, used: set[Path], inputs: set[Path]) -> Path:
+    """``overlay_name`` in ``save_dir``, numbered when two rows would share it (``a/b.jpg`` and
+    ``a__b.jpg``) or when it is an input image; ``used`` collects what was given out."""
+    name = overlay_name(gt)
+    path, n = save_dir / name, 1
+    while path.resolve() in used or path.resolve() in inputs:
+        n += 1
+        path = save_dir / name.replace(".cam.jpg", f".{n}.cam.jpg")
+    used.add(path.resolve())
+    return path
 
 
 def resolve_image(images_dir: Path, gt: GroundTruth) -> Path:
@@ -787,6 +797,8 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
         config.save_dir.mkdir(parents=True, exist_ok=True)
 
     bar = progress(len(truths)) if progress is not None else None
+    used_names: set[Path] = set()
+    input_paths = {p.resolve() for p in paths}
     results = []
     outside_crop: list[tuple[str, int]] = []
     start = time.perf_counter()
@@ -798,7 +810,7 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
             frame, prediction, result = scored
             results.append(result)
             if config.save_dir is not None:
-                out_path = config.save_dir / overlay_name(gt)
+                out_path = unique_overlay_path(config.save_dir, gt, used_names, input_paths)
                 image = draw_result(frame, prediction.cam, result, labels, config.box_threshold)
                 if not cv2.imwrite(str(out_path), image, [cv2.IMWRITE_JPEG_QUALITY, 90]):
                     raise SinkError(f"cannot write {out_path}")

@@ -8,13 +8,15 @@ renamed when closed, so a hard crash never leaves a file that looks complete but
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -182,25 +184,52 @@ class VideoFileSink(Sink):
         """Flush, finalise the container, and give the file its real name."""
         if self._closed:
             return
-        self._queue.put(None)
-        self._thread.join()
-        self._writer.release()
-        self._closed = True
-        if self._error is None and self.frames_written and self._tmp.exists():
-            # OpenCV's writer does not report a failed write (a full disk, a file-size limit): it only logs.
-            # So the finished file is read back before it takes the real name.
-            in_file = frames_in_file(self._tmp)
-            if in_file < min_frames_expected(self.frames_written):
+        with signals_held():  # a second Ctrl-C (or SIGTERM) arrives after the file has its name
+            self._queue.put(None)
+            self._thread.join()
+            self._writer.release()
+            self._closed = True
+            if self._error is None and self.frames_written and self._tmp.exists():
+                # OpenCV's writer does not report a failed write (a full disk, a file-size limit): it only
+                # logs. So the finished file is read back before it takes the real name.
+                in_file = frames_in_file(self._tmp)
+                if in_file < min_frames_expected(self.frames_written):
+                    found = "no readable video" if in_file < 0 else f"{in_file} of {self.frames_written} frames"
+                    raise SinkError(f"writing {self.path} failed: the finished file holds {found} (is the disk "
+                                    f"full?); what was written is left in {self._tmp}")
+            if self.frames_written and self._tmp.exists():
+                os.replace(self._tmp, self.path)
+            else:
                 self._tmp.unlink(missing_ok=True)
-                found = "no readable video" if in_file < 0 else f"{in_file} of {self.frames_written} frames"
-                raise SinkError(f"writing {self.path} failed: the finished file holds {found} "
-                                "(is the disk full?); nothing was kept")
-        if self.frames_written and self._tmp.exists():
-            os.replace(self._tmp, self.path)
-        else:
-            self._tmp.unlink(missing_ok=True)
         if self._error is not None:
             raise SinkError(f"writing {self.path} failed: {self._error}")
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive during the block are acted on when it ends (by their own handlers).
+
+    Python runs signal handlers in the main thread whichever thread the signal reaches, so the handlers are
+    swapped, not the signal mask. Elsewhere than in the main thread, where handlers cannot be set, it does
+    nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)  # Python's own raises KeyboardInterrupt; the CLI's, for SIGTERM, its own
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])
 
 
 def frames_in_file(path: Path) -> int:

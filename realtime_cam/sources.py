@@ -344,7 +344,7 @@ def _check_file(spec: str) -> None:
         raise SourceError(f"source is a directory, not a video or image file: {spec}")
     if not os.access(path, os.R_OK):
         raise SourceError(f"source is not readable: {spec}")
-    if path.stat().st_size == 0:
+    if path.is_file() and path.stat().st_size == 0:  # a device (/dev/video0) has no size
         raise SourceError(f"source is an empty file: {spec}")
 
 
@@ -377,7 +377,8 @@ def check_source(spec: str | int) -> None:
     """What can be told about a source without opening it (a file that is not there, a directory, an empty
     file): a one-line SourceError, so that a typo is reported before a model is loaded or exported."""
     spec = str(spec)
-    if not (_is_webcam(spec) or _is_url(spec)):
+    kind = next(name for name, (accepts, _) in SOURCE_KINDS.items() if accepts(spec))
+    if kind in ("image", "video"):
         _check_file(spec)
 
 

@@ -152,3 +152,35 @@ def test_frames_that_would_not_fit_in_memory_are_one_line_before_decoding_them()
     check_frames_fit_in_memory(320, frame, available=8 * 2**30)  # 70 MB of 8 GiB: fine
     with pytest.raises(CamError, match="use a smaller --frames"):
         check_frames_fit_in_memory(20_020, frame, available=8 * 2**30)  # 13.8 GB
+
+
+@needs_shared
+def test_bench_refuses_too_many_frames_after_decoding_only_the_first(monkeypatch):
+    from realtime_cam import bench
+    from realtime_cam.errors import CamError
+
+    monkeypatch.setattr(bench, "available_memory", lambda: 100 * 2**20)  # 100 MiB: 150 frames of 640x360
+    decoded = []
+    real_open = bench.open_source
+
+    class Counted:  # the source, counting the frames taken from it
+        def __init__(self, spec):
+            self.source = real_open(spec)
+            self.live = self.source.live
+
+        def __enter__(self):
+            self.source.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.source.__exit__(*exc)
+
+        def __iter__(self):
+            for frame in self.source:
+                decoded.append(frame)
+                yield frame
+
+    monkeypatch.setattr(bench, "open_source", Counted)
+    with pytest.raises(CamError, match="use a smaller --frames"):
+        bench.load_frames(str(shared("videos", "bottle-detection.mp4")), 1000)
+    assert len(decoded) == 1

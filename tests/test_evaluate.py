@@ -538,14 +538,28 @@ def test_an_image_with_two_classes_is_scored_once_per_class(tmp_path):
 def test_overlay_names_stay_in_the_save_dir_differ_per_class_and_never_reuse_an_input_name():
     from realtime_cam.evaluate import GroundTruth, overlay_name
 
-    assert overlay_name(GroundTruth("a.JPEG", 5, ())) == "a.class5.cam.jpg"
+    assert overlay_name(GroundTruth("a.JPEG", 5, ())) == "a.JPEG.class5.cam.jpg"
     assert overlay_name(GroundTruth("a.JPEG", 7, ())) != overlay_name(GroundTruth("a.JPEG", 5, ()))
-    assert overlay_name(GroundTruth("sub/b.jpg", 1, ())) == "sub__b.class1.cam.jpg"
+    assert overlay_name(GroundTruth("sub/b.jpg", 1, ())) == "sub__b.jpg.class1.cam.jpg"
+    assert overlay_name(GroundTruth("img.png", 3, ())) != overlay_name(GroundTruth("img.jpg", 3, ()))
     for escaping in ("../outside/victim.jpg", "/abs/victim.jpg", "./../../victim.jpg"):
         name = overlay_name(GroundTruth(escaping, 3, ()))
         assert "/" not in name and ".." not in name.split(".class")[0], name
     for existing in ("x.jpg", "x.class2.cam.jpg"):  # an overlay never takes the name of the image it explains
         assert overlay_name(GroundTruth(existing, 2, ())) != existing
+
+
+def test_overlay_paths_are_numbered_rather_than_shared_or_put_over_an_input(tmp_path):
+    from realtime_cam.evaluate import GroundTruth, unique_overlay_path
+
+    used: set = set()
+    clash = tmp_path / "x.jpg.class2.cam.jpg"  # an input image that happens to have an overlay's name
+    inputs = {clash.resolve()}
+    first = unique_overlay_path(tmp_path, GroundTruth("a/b.jpg", 1, ()), used, inputs)
+    second = unique_overlay_path(tmp_path, GroundTruth("a__b.jpg", 1, ()), used, inputs)  # same flat name
+    third = unique_overlay_path(tmp_path, GroundTruth("x.jpg", 2, ()), used, inputs)
+    assert first.name == "a__b.jpg.class1.cam.jpg" and second.name == "a__b.jpg.class1.2.cam.jpg"
+    assert third.name == "x.jpg.class2.2.cam.jpg" and third.parent == tmp_path
 
 
 @pytest.mark.parametrize("class_text", ["--5", "\u00b2", "7.0"])
