@@ -166,9 +166,7 @@ def bench_inference(model: CamModel, frames: list[np.ndarray], warmup: int, batc
     FPS counts frames: (frames after the first call) / (time from the first call's end to the last one's);
     median/p95 are per call; CPU is the process's, per timed frame.
     """
-    check_enough_frames(len(frames) - warmup, warmup, (batch,))
-    calls_warm = math.ceil(warmup / batch)
-    inputs = _batches(model, frames, batch)
+    inputs, calls_warm = _batches(model, frames, warmup, batch)
     for x in inputs[:calls_warm]:
         model.forward(x)
     stamps, durations = [], []
@@ -191,9 +189,7 @@ def bench_resident(model: CamModel, frames: list[np.ndarray], warmup: int, batch
     The two kinds of call take turns on the same batches, so that a machine that slows down or speeds up
     during the measurement moves both alike; FPS = frames / the calls' summed time, for each.
     """
-    check_enough_frames(len(frames) - warmup, warmup, (batch,))
-    calls_warm = math.ceil(warmup / batch)
-    inputs = _batches(model, frames, batch)
+    inputs, calls_warm = _batches(model, frames, warmup, batch)
     resident = model.resident_forward(inputs)
     plain_ms, resident_ms = [], []
     for index in range(len(inputs)):
@@ -209,9 +205,12 @@ def bench_resident(model: CamModel, frames: list[np.ndarray], warmup: int, batch
             "plain_fps": frames_timed * 1000.0 / sum(plain_ms)}
 
 
-def _batches(model: CamModel, frames: list[np.ndarray], batch: int) -> list[np.ndarray]:
-    """The frames as prepared inputs, ``batch`` per array (a last partial batch is dropped)."""
-    return [model.prepare_batch(frames[i:i + batch]) for i in range(0, len(frames) - batch + 1, batch)]
+def _batches(model: CamModel, frames: list[np.ndarray], warmup: int, batch: int) -> tuple[list[np.ndarray], int]:
+    """The frames as prepared inputs, ``batch`` per array (a last partial batch is dropped), and how many of
+    those calls make up the warm-up; too few frames for two timed calls is a one-line error."""
+    check_enough_frames(len(frames) - warmup, warmup, (batch,))
+    inputs = [model.prepare_batch(frames[i:i + batch]) for i in range(0, len(frames) - batch + 1, batch)]
+    return inputs, math.ceil(warmup / batch)
 
 
 def bench_pipeline_memory(model: CamModel, frames: list[np.ndarray], warmup: int, options: RunOptions) -> dict:

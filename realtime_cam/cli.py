@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import re
 import signal
 import sys
@@ -274,14 +273,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         output = default_model_path(args.from_onnx.stem)
     if output.suffix.lower() != ".onnx":
         raise CamError(f"--output must name an .onnx file; got {output.name}")
-    from .sinks import check_not_an_input
-
-    check_not_an_input(output, (args.from_onnx, args.weights, args.labels))
     if args.int8 and not args.calibrate:
         raise CamError("--int8 needs --calibrate SOURCE: frames (videos, images, folders) to set activation ranges")
     if (args.calibrate or args.check) and not (args.int8 or args.fp16):
         raise CamError("--calibrate and --check go with --int8 (or --check with --fp16)")
-    _check_export_output(output)  # after the checks above: a usage mistake leaves no new folder behind
+    # After the checks above, so that a usage mistake leaves no new folder behind.
+    _check_export_output(output, inputs=(args.from_onnx, args.weights, args.labels))
     if not (args.int8 or args.fp16):
         _export_fp32(args, output)
         log.info("wrote %s", output)
@@ -302,16 +299,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_export_output(output: Path) -> None:
-    """Refuse, before any work, a model file that could not be written where it is asked for."""
+def _check_export_output(output: Path, inputs: Sequence[object]) -> None:
+    """Refuse, before any work, a model file that could not be written where it is asked for, or that is one
+    of the inputs. Unlike other outputs, its folder is made when missing (the default is in a cache)."""
+    from .sinks import check_output_path
+
     if output.is_dir():
         raise CamError(f"--output {output} is a folder; name the .onnx file to write")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CamError(f"cannot make the folder for {output}: {exc.strerror or exc}") from None
-    if not os.access(output.parent, os.W_OK):
-        raise CamError(f"output folder is not writable: {output.parent}")
+    check_output_path(output, {".onnx"}, inputs=inputs)
 
 
 def _export_fp32(args: argparse.Namespace, output: Path) -> None:

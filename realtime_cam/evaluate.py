@@ -33,6 +33,7 @@ What each number means (all in percent of the evaluated images):
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import logging
 import math
@@ -122,17 +123,15 @@ class _Collector:
 
     def __init__(self) -> None:
         self.items: dict[tuple[str, int], dict] = {}
-        self._sizes: dict[str, tuple[tuple[int, int] | None, str]] = {}
+        self._sizes: dict[str, tuple[tuple[int, int], str]] = {}  # file -> first stated size, where
 
     def add(self, file: str, class_id: int, box: Box, size_wh: tuple[int, int] | None, where: str) -> None:
         item = self.items.setdefault((file, class_id), {"boxes": [], "size_wh": size_wh, "where": where})
-        first_size, first_where = self._sizes.setdefault(file, (size_wh, where))
-        if size_wh is not None and first_size is not None and size_wh != first_size:
-            raise CamError(f"{where}: {file} is {size_wh[0]}x{size_wh[1]} here but "
-                           f"{first_size[0]}x{first_size[1]} in {first_where}")
-        if size_wh is not None and item["size_wh"] is not None and size_wh != item["size_wh"]:
-            raise CamError(f"{where}: {file} is {size_wh[0]}x{size_wh[1]} here but "
-                           f"{item['size_wh'][0]}x{item['size_wh'][1]} in {item['where']}")
+        if size_wh is not None:  # one size per file, whichever class's row states it first
+            first_size, first_where = self._sizes.setdefault(file, (size_wh, where))
+            if size_wh != first_size:
+                raise CamError(f"{where}: {file} is {size_wh[0]}x{size_wh[1]} here but "
+                               f"{first_size[0]}x{first_size[1]} in {first_where}")
         item["boxes"].append(box)
 
     def result(self) -> list[GroundTruth]:
@@ -799,11 +798,18 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
     bar = progress(len(truths)) if progress is not None else None
     used_names: set[Path] = set()
     input_paths = {p.resolve() for p in paths}
+    # An image with several classes is a row per class: it is read and inferred once, kept until its last row.
+    rows_left = collections.Counter(paths)
+    views: dict[Path, _ModelView] = {}
     results = []
     outside_crop: list[tuple[str, int]] = []
     start = time.perf_counter()
     for done, (gt, path) in enumerate(zip(truths, paths), 1):
-        scored = _score_row(model, config, gt, path)
+        view = views.pop(path, None) or _ModelView.of(path, model, config)
+        rows_left[path] -= 1
+        if rows_left[path]:
+            views[path] = view
+        scored = _score_row(model, config, gt, path, view)
         if scored is None:  # nothing of the object is in what the model sees: no map can find it
             outside_crop.append((gt.file, gt.class_id))
         else:
@@ -830,25 +836,45 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
                       seconds=elapsed, outside_crop=tuple(outside_crop))
 
 
-def _score_row(model: CamModel, config: EvaluateConfig, gt: GroundTruth,
-               path: Path) -> tuple[np.ndarray, Prediction, ImageResult] | None:
+class _ModelView:
+    """An image as the model sees it (cropped with ``--crop center``), and its network outputs, computed
+    the first time a row asks for them."""
+
+    def __init__(self, frame: np.ndarray, size_wh: tuple[int, int], crop: CropTransform | None) -> None:
+        self.frame, self.size_wh, self.crop = frame, size_wh, crop
+        self._outputs: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def of(cls, path: Path, model: CamModel, config: EvaluateConfig) -> "_ModelView":
+        frame = read_image(path)
+        h, w = frame.shape[:2]
+        if config.crop != "center":
+            return cls(frame, (w, h), None)
+        tf = center_crop_transform((w, h), model.info.input_size_hw)
+        return cls(apply_crop(frame, tf), (w, h), tf)
+
+    def outputs(self, model: CamModel) -> tuple[np.ndarray, np.ndarray]:
+        if self._outputs is None:
+            self._outputs = model.infer(self.frame)
+        return self._outputs
+
+
+def _score_row(model: CamModel, config: EvaluateConfig, gt: GroundTruth, path: Path,
+               view: _ModelView) -> tuple[np.ndarray, Prediction, ImageResult] | None:
     """One (image, class) row: the image as the model saw it, the prediction and the scores; None when
     ``--crop center`` cut every box of the class away."""
-    frame = read_image(path)
-    h, w = frame.shape[:2]
+    w, h = view.size_wh
     if gt.size_wh is not None and gt.size_wh != (w, h):
         raise CamError(f"{gt.where}: the annotation says {gt.size_wh[0]}x{gt.size_wh[1]} but {path.name} "
                        f"is {w}x{h}")
-    if config.crop == "center":
-        tf = center_crop_transform((w, h), model.info.input_size_hw)
-        frame = apply_crop(frame, tf)
-        gt_boxes = crop_boxes(clip_boxes(gt.boxes_xyxy, (w, h)), tf)
+    gt_boxes = clip_boxes(gt.boxes_xyxy, (w, h))
+    if view.crop is not None:
+        gt_boxes = crop_boxes(gt_boxes, view.crop)
         if not gt_boxes:
             return None
-    else:
-        gt_boxes = clip_boxes(gt.boxes_xyxy, (w, h))
+    frame = view.frame
     eval_h, eval_w = frame.shape[:2]
-    logits, features = model.infer(frame)
+    logits, features = view.outputs(model)
     prediction = model.explain(logits, features, class_id=gt.class_id, method=config.method, topk=config.topk)
     result = score_image(
         prediction.cam, gt_boxes, (eval_w, eval_h), gt.class_id, rank_classes(logits, config.topk),

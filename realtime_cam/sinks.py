@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from .errors import SinkError
+from .sources import opencv_quiet
 from .threads import HELPER_CPU, lower_this_threads_priority
 
 # Container -> codec OpenCV's bundled FFmpeg writes without extra libraries.
@@ -189,18 +190,18 @@ class VideoFileSink(Sink):
             self._thread.join()
             self._writer.release()
             self._closed = True
-            if self._error is None and self.frames_written and self._tmp.exists():
-                # OpenCV's writer does not report a failed write (a full disk, a file-size limit): it only
-                # logs. So the finished file is read back before it takes the real name.
-                in_file = frames_in_file(self._tmp)
-                if in_file < min_frames_expected(self.frames_written):
-                    found = "no readable video" if in_file < 0 else f"{in_file} of {self.frames_written} frames"
-                    raise SinkError(f"writing {self.path} failed: the finished file holds {found} (is the disk "
-                                    f"full?); what was written is left in {self._tmp}")
-            if self.frames_written and self._tmp.exists():
-                os.replace(self._tmp, self.path)
-            else:
+            if not (self.frames_written and self._tmp.exists()):
                 self._tmp.unlink(missing_ok=True)
+            else:
+                if self._error is None:
+                    # OpenCV's writer does not report a failed write (a full disk, a file-size limit): it only
+                    # logs. So the finished file is read back before it takes the real name.
+                    in_file = frames_in_file(self._tmp)
+                    if in_file < min_frames_expected(self.frames_written):
+                        found = "no readable video" if in_file < 0 else f"{in_file} of {self.frames_written} frames"
+                        raise SinkError(f"writing {self.path} failed: the finished file holds {found} (is the "
+                                        f"disk full?); what was written is left in {self._tmp}")
+                os.replace(self._tmp, self.path)
         if self._error is not None:
             raise SinkError(f"writing {self.path} failed: {self._error}")
 
@@ -234,8 +235,6 @@ def signals_held() -> Iterator[None]:
 
 def frames_in_file(path: Path) -> int:
     """The frame count a video file's container states (-1: it does not open as a video), read quietly."""
-    from .sources import opencv_quiet
-
     with opencv_quiet():
         cap = cv2.VideoCapture(str(path))
         try:

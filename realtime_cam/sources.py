@@ -376,10 +376,13 @@ SOURCE_KINDS: dict[str, tuple[Callable[[str], bool], Callable[..., FrameSource]]
 def check_source(spec: str | int) -> None:
     """What can be told about a source without opening it (a file that is not there, a directory, an empty
     file): a one-line SourceError, so that a typo is reported before a model is loaded or exported."""
-    spec = str(spec)
-    kind = next(name for name, (accepts, _) in SOURCE_KINDS.items() if accepts(spec))
-    if kind in ("image", "video"):
-        _check_file(spec)
+    if _kind_of(str(spec)) in ("image", "video"):
+        _check_file(str(spec))
+
+
+def _kind_of(spec: str) -> str:
+    """The first kind in SOURCE_KINDS whose test accepts the spec ("video" accepts everything)."""
+    return next(name for name, (accepts, _) in SOURCE_KINDS.items() if accepts(spec))
 
 
 def open_source(spec: str | int, reconnect: int = 0) -> FrameSource:
@@ -393,7 +396,4 @@ def open_source(spec: str | int, reconnect: int = 0) -> FrameSource:
         SourceError: with a one-line message, when it cannot be opened or yields no first frame.
     """
     spec = str(spec)
-    for accepts, opener in SOURCE_KINDS.values():
-        if accepts(spec):
-            return opener(spec, reconnect=reconnect)
-    raise SourceError(f"cannot open source {spec!r}")  # pragma: no cover - "video" accepts everything
+    return SOURCE_KINDS[_kind_of(spec)][1](spec, reconnect=reconnect)
