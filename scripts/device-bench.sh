@@ -8,6 +8,7 @@
 #   here:   scripts/device-bench.sh pack          # download and split into .devcarry1..N (git-excluded)
 #   there:  scripts/device-bench.sh unpack I N    # call I of N, carrying .devcarry<I>; the last one installs
 #   there:  scripts/device-bench.sh bench [FRAMES] # export the models, run bench --device cpu,cuda into $OUT
+#           (DEVICE_REVISION=$(git rev-parse HEAD) of a clean tree names the commit in the JSON)
 #
 # Each "there" step is one device call; the last part and the bench can share a call:
 #   scripts/device-bench.sh unpack 4 4 && scripts/device-bench.sh bench
@@ -82,6 +83,20 @@ bench() {
     $cam export --from-onnx "$m/r18.onnx" --fp16 --output "$m/r18-fp16.onnx"
     $cam bench --model "$m/r18.onnx" --model "$m/r18-fp16.onnx" "${source[@]}" --device cpu,cuda \
         --frames "$frames" --json "$out/h200.json" --plot "$out/h200.png" 2>&1 | tee "$out/h200.log"
+    # The copy above is no checkout, so bench cannot name its commit: the caller does (DEVICE_REVISION=SHA,
+    # the commit of a clean tree that was sent), and the JSON says who recorded it.
+    if [ -n "${DEVICE_REVISION:-}" ]; then
+        python3 - "$out/h200.json" "$DEVICE_REVISION" <<'PY'
+import json, sys
+path, commit = sys.argv[1], sys.argv[2]
+with open(path, encoding="utf-8") as f:
+    report = json.load(f)
+report.setdefault("environment", {})["git"] = {"commit": commit, "dirty": False,
+                                               "recorded_by": "scripts/device-bench.sh (DEVICE_REVISION)"}
+with open(path, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+PY
+    fi
 }
 
 case "${1:-}" in
