@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torchvision
 
-from realtime_cam.bench import fps_of
+from realtime_cam.timing import fps_of
 
 
 def time_seed_approach(input_size_hw: tuple[int, int], mean: Sequence[float], std: Sequence[float],

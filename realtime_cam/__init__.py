@@ -15,10 +15,14 @@ __all__ = ["CamModel", "Prediction", "CamError", "__version__"]
 
 def __getattr__(name: str):
     # Lazy, so that `import realtime_cam` (e.g. for __version__) stays cheap.
-    if name in ("CamModel", "Prediction"):
-        from . import model
+    if name == "CamModel":
+        from .model import CamModel
 
-        return getattr(model, name)
+        return CamModel
+    if name == "Prediction":
+        from .types import Prediction
+
+        return Prediction
     if name == "CamError":
         from .errors import CamError
 

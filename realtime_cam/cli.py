@@ -32,7 +32,8 @@ from .errors import CamError
 from .evaluate import add_parser as add_evaluate_parser
 from .evaluate import cmd_evaluate
 from .export.precision import CALIBRATIONS, DEFAULT_CALIBRATION
-from .model import DEVICES
+from .providers import DEVICES
+from .sinks import IMAGE_EXTENSIONS, VIDEO_CODECS
 from .overlay import COLORMAPS
 from .paths import default_model_path
 from .pipeline import DEFAULT_BATCH
@@ -79,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=DEVICES, default="auto",
                      help="where the model runs; auto uses CUDA when its provider really starts")
     run.add_argument("--output", type=Path, default=None,
-                     help="write the overlay: a video (.mp4 .avi .mkv .mov .m4v) at the source's size and frame "
-                          "rate, or an image (.png .jpg) for an image source")
+                     help=f"write the overlay: a video ({' '.join(VIDEO_CODECS)}) at the source's size and frame "
+                          f"rate, or an image ({' '.join(sorted(IMAGE_EXTENSIONS))}) for an image source")
     run.add_argument("--no-display", action="store_true", help="no window (headless; use with --output)")
     run.add_argument("--max-frames", type=positive_int, default=None, help="stop after N frames")
     run.add_argument("--batch", type=batch_count, default=DEFAULT_BATCH, metavar="N",
@@ -210,15 +211,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .model import CamModel
     from .pipeline import RunOptions, hold_window, run_loop
     from .progress import Progress
-    from .sinks import IMAGE_EXTENSIONS, VIDEO_CODECS, ImageFileSink, VideoFileSink, WindowSink, check_output_path
+    from .sinks import FILE_SINKS, WindowSink, check_output_path, open_file_sink
     from .sources import check_source, open_source
     from .temporal import TemporalOptions
     from .view import ViewState
 
     check_source(args.source)  # a typo is reported before a model is loaded (or exported the first time)
     if args.output is not None:  # refuse an unwritable output before any work is done
-        check_output_path(args.output, {**VIDEO_CODECS, **dict.fromkeys(IMAGE_EXTENSIONS, "")},
-                          inputs=(args.source, args.model))
+        check_output_path(args.output, FILE_SINKS, inputs=(args.source, args.model))
     if args.no_display and args.output is None:
         log.info("--no-display without --output: frames are processed and dropped (a dry run)")
     model_path = args.model
@@ -234,13 +234,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Every output is a context manager: on Ctrl-C or an error each video is finalised and renamed.
         sinks = []
         if args.output is not None:
-            if args.output.suffix.lower() in IMAGE_EXTENSIONS:
-                if source.kind != "image":
-                    raise CamError(f"{args.output.name} is an image: use a video extension for a {source.kind}")
-                sinks.append(outputs.enter_context(ImageFileSink(args.output)))
-            else:
-                sinks.append(outputs.enter_context(
-                    VideoFileSink(args.output, source.fps, source.size_wh, real_time=source.live)))
+            sinks.append(outputs.enter_context(
+                open_file_sink(args.output, source.fps, source.size_wh, source.kind, source.live)))
         window = None if args.no_display else outputs.enter_context(WindowSink(f"realtime-cam: {args.source}"))
         options = RunOptions(
             view=ViewState(method=args.method, pinned_class=class_id, topk=args.topk, show_box=args.box,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from typing import NoReturn
 
 DEVICES_FOR_BENCH = ("cpu", "cuda")
@@ -38,14 +37,6 @@ def _number(text: str, kind: type) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be finite, got {text}")
     return value
-
-
-def whole_number(text: str) -> int | None:
-    """The integer a user typed ("7", "-3"), or None for anything else ("--5", "²", "7.0", "seven").
-
-    str.isdigit accepts characters int() refuses (superscripts), so the check is on ASCII digits."""
-    text = text.strip()
-    return int(text) if re.fullmatch(r"[+-]?[0-9]+", text) else None
 
 
 def finite_float(text: str) -> float:

@@ -49,8 +49,10 @@ import cv2
 import numpy as np
 
 from .cams import METHODS, top_k_ids
-from .cliutil import HelpFormatter, fraction, non_negative_float, positive_int, whole_number
+from .cliutil import HelpFormatter, fraction, non_negative_float, positive_int
+from .labels import whole_number
 from .errors import CamError, SinkError
+from .explain import Request, explain
 from .localize import Box, cam_box, iou, upsample
 from .progress import Progress
 from .sinks import write_json
@@ -875,7 +877,8 @@ def _score_row(model: CamModel, config: EvaluateConfig, gt: GroundTruth, path: P
     frame = view.frame
     eval_h, eval_w = frame.shape[:2]
     logits, features = view.outputs(model)
-    prediction = model.explain(logits, features, class_id=gt.class_id, method=config.method, topk=config.topk)
+    request = Request(method=config.method, class_id=gt.class_id, topk=config.topk)
+    prediction, _ = explain(logits, features, model.head_weight, model.labels, request)
     result = score_image(
         prediction.cam, gt_boxes, (eval_w, eval_h), gt.class_id, rank_classes(logits, config.topk),
         file=gt.file, box_threshold=config.box_threshold, pointing_tolerance=config.pointing_tolerance,
@@ -982,7 +985,7 @@ def format_table(report: EvalReport) -> str:
 # ----------------------------------------------------------------------------- command line
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``evaluate`` subcommand to a subparsers object; returns its parser."""
-    from .model import DEVICES
+    from .providers import DEVICES
     from .paths import default_model_path
 
     parser = subparsers.add_parser(

@@ -1,55 +1,27 @@
-"""CamModel: an ONNX Runtime session over a contract file, its head, labels and preprocessing."""
+"""CamModel: an ONNX Runtime session over a contract file, its head, labels and preprocessing.
+
+Explaining the outputs is ``explain.py``'s job; this module runs the network."""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .cams import METHODS, compute_map, normalize_map, softmax, top_k_ids
-from .cliutil import whole_number
 from .contract import FEATURES, LOGITS, read_contract
-from .errors import CamError, DeviceError, ModelError
+from .errors import DeviceError, ModelError
+from .explain import Request, explain
+from .labels import class_id_for
 from .preprocess import Preprocessor, as_bgr
-from .temporal import TemporalFilter
+from .providers import CUDA, providers_for
+from .types import Prediction
 
 log = logging.getLogger("realtime_cam")
-
-DEVICES = ("auto", "cpu", "cuda")
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
-
-
-@dataclass(frozen=True, eq=False)
-class Prediction:
-    """What the model says about one frame, and where it looked.
-
-    Attributes:
-        class_id: the explained class (the top-1 unless a class was asked for).
-        label: its name.
-        probability: its softmax probability.
-        topk: the k most probable classes as (class_id, label, probability), most probable first.
-        cam: float32 [h, w] at feature resolution, min-max normalised to [0, 1].
-        method: the map method used (a key of ``realtime_cam.cams.METHODS``).
-        probabilities: float32 [K] softmax over all classes (smoothed over time in a smoothed run).
-        pinned: True when the class was chosen by the user rather than by the ranking.
-    """
-
-    class_id: int
-    label: str
-    probability: float
-    topk: tuple[tuple[int, str, float], ...]
-    cam: np.ndarray = field(repr=False)
-    method: str = "cam"
-    probabilities: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.float32))
-    pinned: bool = False
-
 
 def _session_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
@@ -61,30 +33,6 @@ def _session_options() -> ort.SessionOptions:
     # 16-core host, spinning threads starved the encoder (p95 30 ms per frame).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
-
-
-def _providers(device: str) -> list[str]:
-    if device not in DEVICES:
-        raise DeviceError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return [CPU]
-    if CUDA in available:
-        # onnxruntime-gpu installed with pip finds the pip-installed CUDA/cuDNN libraries this way.
-        preload = getattr(ort, "preload_dlls", None)
-        if preload is not None:
-            try:
-                preload()
-            except Exception as exc:  # a missing library shows up again, clearly, when the session starts
-                log.debug("onnxruntime.preload_dlls failed: %s", exc)
-        return [CUDA, CPU]
-    if device == "cuda":
-        raise DeviceError(
-            f"--device cuda: this onnxruntime offers no CUDA provider (it has {', '.join(available)}); "
-            "install the GPU build: pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
-            "'onnxruntime-gpu[cuda,cudnn]' (see the README's install section)"
-        )
-    return [CPU]
 
 
 def load_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
@@ -117,7 +65,7 @@ class CamModel:
         self.path = Path(path)
         proto = load_model_proto(self.path)
         self.info, self.head_weight, self.head_bias = read_contract(proto)
-        providers = _providers(device)
+        providers = providers_for(device)
         del proto
         try:
             self._session = ort.InferenceSession(
@@ -188,6 +136,14 @@ class CamModel:
         return logits.shape[0] == n and features.shape[0] == n
 
     @property
+    def session(self) -> ort.InferenceSession:
+        return self._session
+
+    @property
+    def input_name(self) -> str:
+        return self._input_name
+
+    @property
     def labels(self) -> tuple[str, ...]:
         return self.info.labels
 
@@ -197,27 +153,7 @@ class CamModel:
 
     def class_id_for(self, name_or_id: str | int) -> int:
         """A class id from an id or a label (exact, then case-insensitive, then a unique prefix)."""
-        text = str(name_or_id).strip()
-        number = whole_number(text)
-        if number is not None:
-            self._check_class(number)
-            return number
-        lowered = [label.lower() for label in self.labels]
-        for candidates in (
-            [i for i, label in enumerate(self.labels) if label == text],
-            [i for i, label in enumerate(lowered) if label == text.lower()],
-            [i for i, label in enumerate(lowered) if label.startswith(text.lower())],
-        ):
-            if len(candidates) == 1:
-                return candidates[0]
-            if len(candidates) > 1:
-                names = ", ".join(self.labels[i] for i in candidates[:5])
-                raise CamError(f"class {text!r} is ambiguous: {names}, ...")
-        raise CamError(f"no class named {text!r} in this model's {self.num_classes} labels")
-
-    def _check_class(self, class_id: int) -> None:
-        if not 0 <= class_id < self.num_classes:
-            raise CamError(f"class id {class_id} is out of range 0..{self.num_classes - 1}")
+        return class_id_for(self.labels, name_or_id)
 
     def prepare(self, frame_bgr: np.ndarray) -> np.ndarray:
         """The model's input for one frame: [1, 3, H, W] float32 (a reused buffer)."""
@@ -239,83 +175,10 @@ class CamModel:
         logits, features = self._session.run([LOGITS, FEATURES], {self._input_name: batch})
         return logits, features
 
-    def resident_forward(self, batches: Sequence[np.ndarray]) -> Callable[[int], list[ort.OrtValue]]:
-        """A runner that times the network without the copies in and out that :meth:`forward` makes.
-
-        The prepared batches are copied once onto the device that runs the model; ``run(i)`` then runs
-        ``batches[i]`` through ONNX Runtime's IO binding with the outputs left on that device, waits for them
-        and returns them (logits, features) as OrtValues there. That is the most IO binding could save over
-        ``forward`` here: the map is computed on the host, so the loop itself needs the features copied back
-        whatever the binding.
-        """
-        device = "cuda" if self.provider == CUDA else "cpu"
-        on_device = [ort.OrtValue.ortvalue_from_numpy(batch, device, 0) for batch in batches]
-        binding = self._session.io_binding()
-
-        def run(index: int) -> list[ort.OrtValue]:
-            binding.bind_ortvalue_input(self._input_name, on_device[index])
-            for name in (LOGITS, FEATURES):  # bound anew: outputs kept from a call keep that call's batch size
-                binding.bind_output(name, device, 0)
-            self._session.run_with_iobinding(binding)
-            binding.synchronize_outputs()
-            return binding.get_outputs()
-
-        return run
-
     def infer(self, frame_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the network on one frame: (logits [K], features [C, h, w]), both float32."""
         logits, features = self.forward(self.prepare(frame_bgr))
         return logits[0], features[0]
-
-    def explain(
-        self,
-        logits: np.ndarray,
-        features_chw: np.ndarray,
-        class_id: int | None = None,
-        method: str = "cam",
-        topk: int = 5,
-        rank: int = 0,
-        temporal: TemporalFilter | None = None,
-    ) -> Prediction:
-        """Turn one frame's network outputs into a Prediction with its [0, 1] map.
-
-        Args:
-            class_id: explain this class (pinned) instead of the ranking's choice.
-            rank: which of the top-k to explain when no class is given (0: the top-1).
-            temporal: a video's filter: smooths probabilities and maps over frames and holds the shown
-                top-1 (hysteresis); None treats the frame on its own.
-        """
-        if method not in METHODS:
-            raise CamError(f"unknown map method {method!r}; choose from {', '.join(METHODS)}")
-        probabilities = softmax(logits)
-        if temporal is not None:
-            probabilities = temporal.probabilities(probabilities)
-        ranking = [int(i) for i in top_k_ids(probabilities, topk)]
-        if temporal is not None:
-            leader = temporal.leader(probabilities)
-            if ranking[0] != leader:  # hysteresis keeps the shown top-1 until a challenger has led long enough
-                ranking = [leader, *[i for i in ranking if i != leader]][: len(ranking)]
-        pinned = class_id is not None
-        if pinned:
-            class_id = int(class_id)
-            self._check_class(class_id)
-        else:
-            class_id = ranking[min(max(0, rank), len(ranking) - 1)]
-        raw = compute_map(method, features_chw, self.head_weight, class_id)
-        if temporal is None:
-            shown = normalize_map(raw)
-        else:
-            shown = temporal.map(raw, (class_id if METHODS[method].class_specific else None, method))
-        return Prediction(
-            class_id=class_id,
-            label=self.labels[class_id],
-            probability=float(probabilities[class_id]),
-            topk=tuple((i, self.labels[i], float(probabilities[i])) for i in ranking),
-            cam=shown,
-            method=method,
-            probabilities=probabilities,
-            pinned=pinned,
-        )
 
     def predict(
         self, frame_bgr: np.ndarray, class_id: int | None = None, method: str = "cam", topk: int = 5
@@ -329,4 +192,5 @@ class CamModel:
             topk: how many classes ``Prediction.topk`` lists.
         """
         logits, features = self.infer(frame_bgr)
-        return self.explain(logits, features, class_id=class_id, method=method, topk=topk)
+        request = Request(method=method, class_id=class_id, topk=topk)
+        return explain(logits, features, self.head_weight, self.labels, request)[0]

@@ -9,7 +9,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .model import Prediction
+from .types import Prediction
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 

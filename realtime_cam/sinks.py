@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -16,7 +17,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -24,6 +25,7 @@ import numpy as np
 from .errors import SinkError
 from .sources import opencv_quiet
 from .threads import HELPER_CPU, lower_this_threads_priority
+from .types import Frame, Prediction
 
 # Container -> codec OpenCV's bundled FFmpeg writes without extra libraries.
 VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
@@ -264,6 +266,57 @@ class ImageFileSink(Sink):
         self.frames_written += 1
 
 
+class SnapshotSink(Sink):
+    """What the window's ``s`` and ``r`` write into the snapshot folder: snapshots (overlay PNG, raw map
+    ``.npy``, JSON) and recordings, which take every frame written while one is on."""
+
+    def __init__(self, folder: Path, fps: float, real_time: bool = False) -> None:
+        self.folder = folder
+        self.fps = fps
+        self.real_time = real_time
+        self.written: list[Path] = []
+        self.video: VideoFileSink | None = None
+
+    def _stem(self, kind: str, index: int) -> Path:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SinkError(f"cannot use --snapshot-dir {self.folder}: {exc.strerror or exc}") from None
+        return self.folder / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{index:06d}"
+
+    def snapshot(self, overlay: np.ndarray, frame: Frame, prediction: Prediction, box) -> Path:
+        stem = self._stem("snapshot", frame.index)
+        if not cv2.imwrite(str(stem.with_suffix(".png")), overlay):
+            raise SinkError(f"cannot write a snapshot into {self.folder}")
+        np.save(stem.with_suffix(".npy"), prediction.cam)
+        meta = {"frame": frame.index, "class_id": prediction.class_id, "label": prediction.label,
+                "probability": prediction.probability, "pinned": prediction.pinned, "method": prediction.method,
+                "topk": [{"class_id": c, "label": name, "probability": p} for c, name, p in prediction.topk],
+                "box_xyxy": list(box) if box is not None else None}
+        stem.with_suffix(".json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        self.written += [stem.with_suffix(e) for e in (".png", ".npy", ".json")]
+        return stem.with_suffix(".png")
+
+    def toggle_recording(self, frame: Frame) -> None:
+        """Start a recording at this frame's size, or stop (and finalise) the one that runs."""
+        if self.video is not None:
+            self.close()
+            return
+        h, w = frame.image_bgr.shape[:2]
+        path = self._stem("recording", frame.index).with_suffix(".mp4")
+        self.video = VideoFileSink(path, self.fps, (w, h), real_time=self.real_time)
+        self.written.append(path)
+
+    def write(self, image_bgr: np.ndarray) -> None:
+        if self.video is not None:
+            self.video.write(image_bgr)
+
+    def close(self) -> None:
+        if self.video is not None:
+            video, self.video = self.video, None
+            video.close()
+
+
 class WindowSink(Sink):
     """An OpenCV window. All its calls must stay on the main thread.
 
@@ -311,3 +364,28 @@ class WindowSink(Sink):
             cv2.waitKey(1)
         except cv2.error:
             pass
+
+
+def _video_sink(path: Path, fps: float, size_wh: tuple[int, int], kind: str, live: bool) -> Sink:
+    return VideoFileSink(path, fps, size_wh, real_time=live)
+
+
+def _image_sink(path: Path, fps: float, size_wh: tuple[int, int], kind: str, live: bool) -> Sink:
+    if kind != "image":
+        raise SinkError(f"{path.name} is an image: use a video extension for a {kind}")
+    return ImageFileSink(path)
+
+
+# Output file suffix -> the sink that writes it, given (path, fps, size_wh, source kind, live source).
+FILE_SINKS: dict[str, Callable[[Path, float, tuple[int, int], str, bool], Sink]] = {
+    **dict.fromkeys(VIDEO_CODECS, _video_sink),
+    **dict.fromkeys(sorted(IMAGE_EXTENSIONS), _image_sink),
+}
+
+
+def open_file_sink(path: Path, fps: float, size_wh: tuple[int, int], kind: str, live: bool) -> Sink:
+    """The sink for an output file, chosen by its suffix (see FILE_SINKS)."""
+    factory = FILE_SINKS.get(path.suffix.lower())
+    if factory is None:
+        raise SinkError(f"cannot write {path.name}: use one of {' '.join(FILE_SINKS)}")
+    return factory(path, fps, size_wh, kind, live)

@@ -14,7 +14,6 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -24,6 +23,7 @@ import numpy as np
 from .errors import SourceError
 from .preprocess import as_bgr
 from .threads import HELPER_CPU, ProcessWideOverride, few_cores, lower_this_threads_priority
+from .types import Frame
 
 log = logging.getLogger("realtime_cam")
 
@@ -32,21 +32,6 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv"}
 URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 POLICIES = ("latest", "queue")
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One captured frame.
-
-    Attributes:
-        index: 0-based position in the source (for live sources: among frames delivered).
-        image_bgr: HxWx3 uint8 BGR.
-        captured_at: ``time.perf_counter()`` when the frame was read, for capture-to-display latency.
-    """
-
-    index: int
-    image_bgr: np.ndarray
-    captured_at: float
 
 
 # realtime-cam --debug turns this off, so that OpenCV's own reasons show (see opencv_quiet).

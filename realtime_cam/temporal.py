@@ -1,11 +1,12 @@
 """Temporal stability on video: smoothing of maps and probabilities, label hysteresis, colour scaling.
 
-One :class:`TemporalFilter` lives as long as a run; its state is the history it smooths over, nothing else.
+Pure functions over a frozen :class:`TemporalState`: each takes the state and returns a new one, so a
+caller that wants to look without moving on (a paused view redrawn with another method) keeps the old one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -43,67 +44,67 @@ class TemporalOptions:
             raise ValueError(f"scale must be one of {SCALES}")
 
 
-class TemporalFilter:
-    """Stabilises one stream's predictions over time (see :class:`TemporalOptions`)."""
+@dataclass(frozen=True, eq=False)
+class TemporalState:
+    """One stream's history: the options it runs under and what it smooths over. Arrays are never changed
+    in place, so an old state stays valid after newer ones were made from it."""
 
-    def __init__(self, options: TemporalOptions = TemporalOptions()) -> None:
-        self.options = options
-        self._probs: np.ndarray | None = None
-        self._leader: int | None = None
-        self._challenger: int | None = None
-        self._challenger_frames = 0
-        self._map: np.ndarray | None = None
-        self._map_key: tuple | None = None
-        self._running_max = 0.0
+    options: TemporalOptions = TemporalOptions()
+    probs: np.ndarray | None = None
+    leader: int | None = None
+    challenger: int | None = None
+    challenger_frames: int = 0
+    map: np.ndarray | None = None
+    map_key: tuple | None = None
+    running_max: float = 0.0
 
-    def probabilities(self, probs: np.ndarray) -> np.ndarray:
-        """The moving average of the class probabilities (still sums to 1)."""
-        a = self.options.smooth
-        if self._probs is None or a == 0.0 or self._probs.shape != probs.shape:
-            self._probs = probs.astype(np.float32, copy=True)
-        else:
-            self._probs = a * self._probs + (1.0 - a) * probs
-        return self._probs
 
-    def leader(self, probs: np.ndarray) -> int:
-        """The shown top-1: it changes only when another class has led for ``hysteresis`` frames running."""
-        top = int(np.argmax(probs))
-        if self._leader is None or self.options.hysteresis <= 1 or top == self._leader:
-            self._leader = top
-            self._challenger, self._challenger_frames = None, 0
-            return top
-        if top == self._challenger:
-            self._challenger_frames += 1
-        else:
-            self._challenger, self._challenger_frames = top, 1
-        if self._challenger_frames >= self.options.hysteresis:
-            self._leader = top
-            self._challenger, self._challenger_frames = None, 0
-        return self._leader
+def smooth_probabilities(state: TemporalState, probs: np.ndarray) -> tuple[np.ndarray, TemporalState]:
+    """The moving average of the class probabilities (still sums to 1), and the new state."""
+    a = state.options.smooth
+    if state.probs is None or a == 0.0 or state.probs.shape != probs.shape:
+        smoothed = probs.astype(np.float32, copy=True)
+    else:
+        smoothed = a * state.probs + (1.0 - a) * probs
+    return smoothed, replace(state, probs=smoothed)
 
-    def map(self, raw: np.ndarray, key: tuple) -> np.ndarray:
-        """The shown [0, 1] map: the moving average of raw maps for ``key`` (class, method), then scaled.
 
-        A new key (another class or method) restarts the average and the running max: averaging maps of
-        different classes would show neither.
-        """
-        a = self.options.smooth
-        if key != self._map_key or self._map is None or self._map.shape != raw.shape:
-            self._map = raw.astype(np.float32, copy=True)
-            self._map_key = key
-            self._running_max = 0.0
-        elif a == 0.0:
-            self._map = raw.astype(np.float32, copy=True)
-        else:
-            self._map = a * self._map + (1.0 - a) * raw
-        if self.options.scale == "frame":
-            return normalize_map(self._map)
-        lo = float(self._map.min())
-        span = float(self._map.max()) - lo
-        self._running_max = max(span, self._running_max * self.options.running_decay)
-        if self._running_max <= 1e-12:
-            return np.zeros_like(self._map, dtype=np.float32)
-        return np.clip((self._map - lo) / self._running_max, 0.0, 1.0).astype(np.float32)
+def hold_leader(state: TemporalState, probs: np.ndarray) -> tuple[int, TemporalState]:
+    """The shown top-1: it changes only when another class has led for ``hysteresis`` frames running."""
+    top = int(np.argmax(probs))
+    if state.leader is None or state.options.hysteresis <= 1 or top == state.leader:
+        return top, replace(state, leader=top, challenger=None, challenger_frames=0)
+    frames = state.challenger_frames + 1 if top == state.challenger else 1
+    if frames >= state.options.hysteresis:
+        return top, replace(state, leader=top, challenger=None, challenger_frames=0)
+    return state.leader, replace(state, challenger=top, challenger_frames=frames)
+
+
+def smooth_map(state: TemporalState, raw: np.ndarray, key: tuple) -> tuple[np.ndarray, TemporalState]:
+    """The shown [0, 1] map: the moving average of raw maps for ``key`` (class, method), then scaled.
+
+    A new key (another class or method) restarts the average and the running max: averaging maps of
+    different classes would show neither.
+    """
+    options = state.options
+    a = options.smooth
+    running_max = state.running_max
+    if key != state.map_key or state.map is None or state.map.shape != raw.shape:
+        averaged = raw.astype(np.float32, copy=True)
+        running_max = 0.0
+    elif a == 0.0:
+        averaged = raw.astype(np.float32, copy=True)
+    else:
+        averaged = a * state.map + (1.0 - a) * raw
+    if options.scale == "frame":
+        return normalize_map(averaged), replace(state, map=averaged, map_key=key, running_max=running_max)
+    lo = float(averaged.min())
+    span = float(averaged.max()) - lo
+    running_max = max(span, running_max * options.running_decay)
+    new_state = replace(state, map=averaged, map_key=key, running_max=running_max)
+    if running_max <= 1e-12:
+        return np.zeros_like(averaged, dtype=np.float32), new_state
+    return np.clip((averaged - lo) / running_max, 0.0, 1.0).astype(np.float32), new_state
 
 
 def flicker(previous: np.ndarray | None, current: np.ndarray) -> float | None:

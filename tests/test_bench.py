@@ -10,9 +10,9 @@ import cv2
 import pytest
 
 from conftest import needs_shared, shared
+from realtime_cam import bench
 from realtime_cam.bench import source_revision
 from realtime_cam.cli import main
-from realtime_cam.model import CamModel
 
 
 @needs_shared
@@ -95,16 +95,16 @@ def test_bench_frame_by_frame_has_no_batched_figures(mnv2_int8_onnx, tmp_path, c
     assert row["batch"] == 1 and "inference_batched" not in row
     assert set(row["ratios"]) == {"file_to_file_vs_inference", "inference_vs_resident"}
     assert row["inference_resident"]["batch"] == 1
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith(mnv2_int8_onnx.name))
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith(mnv2_int8_onnx.name))
     assert line.split()[2:5] == ["1", row["inference"]["fps"].__format__(".1f"), "-"]
 
 
 @needs_shared
 def test_io_binding_that_fails_is_reported_and_the_rest_still_runs(mnv2_int8_onnx, tmp_path, capsys, monkeypatch):
-    def refuse(self, batches):
+    def refuse(model, batches):
         raise RuntimeError("no binding on this provider\nsecond line")
 
-    monkeypatch.setattr(CamModel, "resident_forward", refuse)
+    monkeypatch.setattr(bench, "resident_runner", refuse)
     out_json = tmp_path / "b.json"
     assert main(["bench", "--model", str(mnv2_int8_onnx), "--device", "cpu", "--frames", "6", "--warmup", "2",
                  "--batch", "1", "--no-seed", "--json", str(out_json)]) == 0

@@ -12,7 +12,7 @@ from realtime_cam.cams import METHODS, cam
 from realtime_cam.pipeline import RunOptions, explain_frame, run_loop
 from live_helpers import ScriptedWindow
 from realtime_cam.sources import open_source
-from realtime_cam.temporal import TemporalFilter, TemporalOptions
+from realtime_cam.temporal import TemporalOptions, TemporalState, hold_leader, smooth_map, smooth_probabilities
 from realtime_cam.view import QUIT, RECORD, SNAPSHOT, ViewState, handle_key
 
 
@@ -50,6 +50,25 @@ def test_keys_change_the_view_as_documented():
 
 
 # ----------------------------------------------------------------------------- temporal
+class TemporalFilter:
+    """Threads one stream's TemporalState through the pure functions, as the loop does."""
+
+    def __init__(self, options=TemporalOptions()):
+        self.state = TemporalState(options=options)
+
+    def map(self, raw, key):
+        shown, self.state = smooth_map(self.state, raw, key)
+        return shown
+
+    def probabilities(self, probs):
+        smoothed, self.state = smooth_probabilities(self.state, probs)
+        return smoothed
+
+    def leader(self, probs):
+        top, self.state = hold_leader(self.state, probs)
+        return top
+
+
 def test_smoothing_averages_and_restarts_when_the_class_changes():
     f = TemporalFilter(TemporalOptions(smooth=0.5, scale="frame"))
     a = np.array([[0.0, 1.0]], np.float32)
@@ -148,10 +167,10 @@ def test_window_closed_ends_the_run_like_q(mnv2, bottle_frames, tmp_path):
 @needs_shared
 def test_pinned_class_is_explained_on_every_frame(mnv2, bottle_frames):
     view = ViewState(pinned_class=285)  # Egyptian cat, on a bottle video
-    f = TemporalFilter()
+    f = TemporalState()
     for frame in bottle_frames[:3]:
         logits, feats = mnv2.infer(frame.image_bgr)
-        p = explain_frame(mnv2, logits, feats, view, f)
+        p, f = explain_frame(mnv2, logits, feats, view, f)
         assert p.class_id == 285 and p.pinned and p.label == "Egyptian cat"
         raw = cam(feats, mnv2.head_weight, 285)
         np.testing.assert_allclose(p.cam, (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-5)

@@ -9,7 +9,8 @@ from onnx import helper, numpy_helper
 from conftest import needs_shared, shared
 from realtime_cam import CamModel
 from realtime_cam import threads
-from realtime_cam.pipeline import RunOptions, _Rate, run_loop
+from realtime_cam.pipeline import RunOptions, run_loop
+from realtime_cam.timing import Rate
 from realtime_cam.sinks import Sink
 from realtime_cam.sources import Frame, file_decode_params, open_source
 from realtime_cam.view import ViewState
@@ -215,14 +216,14 @@ def test_batched_model_input_holds_each_frame_in_order(mnv2):
 
 
 def test_frames_per_second_counts_a_first_batch_as_its_start():
-    frame_by_frame = _Rate()
+    frame_by_frame = Rate()
     for t in (1.0, 1.5, 2.0):
         frame_by_frame.tick(t)
     assert frame_by_frame.fps == pytest.approx(2 / 1.0)      # (N - 1) / (t_last - t_first)
-    batched = _Rate()
+    batched = Rate()
     for t in (1.0, 2.0, 3.0):
         batched.tick(t, 4)
     assert batched.done == 12 and batched.fps == pytest.approx(8 / 2.0)   # the first 4 start the clock
-    single = _Rate()
+    single = Rate()
     single.tick(1.0, 4)
     assert single.fps == 0.0

@@ -6,7 +6,7 @@ import pytest
 
 from realtime_cam.cams import normalize_map
 from realtime_cam.errors import SourceError
-from realtime_cam.model import Prediction
+from realtime_cam.types import Prediction
 from realtime_cam.overlay import OverlayStyle, colorize, render
 from realtime_cam.preprocess import Preprocessor, as_bgr
 

@@ -1,0 +1,88 @@
+"""From a frame's network outputs to a :class:`Prediction`: softmax, top-k, pinning, hysteresis, smoothing.
+
+Pure: the arrays and the request go in, the prediction and the stream's next temporal state come out. The
+ONNX Runtime session lives in ``model.py``; drawing in ``overlay.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .cams import METHODS, compute_map, normalize_map, softmax, top_k_ids
+from .errors import CamError
+from .labels import check_class_id
+from .temporal import TemporalState, hold_leader, smooth_map, smooth_probabilities
+from .types import Prediction
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to explain on a frame.
+
+    Attributes:
+        method: a key of ``realtime_cam.cams.METHODS``.
+        class_id: explain this class (pinned) instead of the ranking's choice.
+        topk: how many classes ``Prediction.topk`` lists.
+        rank: which of the top-k to explain when no class is given (0: the top-1).
+    """
+
+    method: str = "cam"
+    class_id: int | None = None
+    topk: int = 5
+    rank: int = 0
+
+
+def explain(
+    logits: np.ndarray,
+    features_chw: np.ndarray,
+    head_weight_kc: np.ndarray,
+    labels: Sequence[str],
+    request: Request = Request(),
+    temporal: TemporalState | None = None,
+) -> tuple[Prediction, TemporalState | None]:
+    """One frame's prediction with its [0, 1] map, and the stream's next temporal state.
+
+    Args:
+        logits: [K] for this frame.
+        features_chw: [C, h, w] for this frame.
+        head_weight_kc: the linear head's weight [K, C].
+        labels: K class names.
+        temporal: a video's history: smooths probabilities and maps over frames and holds the shown top-1
+            (hysteresis); None treats the frame on its own (and None is returned for it).
+    """
+    if request.method not in METHODS:
+        raise CamError(f"unknown map method {request.method!r}; choose from {', '.join(METHODS)}")
+    probabilities = softmax(logits)
+    if temporal is not None:
+        probabilities, temporal = smooth_probabilities(temporal, probabilities)
+    ranking = [int(i) for i in top_k_ids(probabilities, request.topk)]
+    if temporal is not None:
+        leader, temporal = hold_leader(temporal, probabilities)
+        if ranking[0] != leader:  # hysteresis keeps the shown top-1 until a challenger has led long enough
+            ranking = [leader, *[i for i in ranking if i != leader]][: len(ranking)]
+    pinned = request.class_id is not None
+    if pinned:
+        class_id = int(request.class_id)
+        check_class_id(class_id, len(labels))
+    else:
+        class_id = ranking[min(max(0, request.rank), len(ranking) - 1)]
+    raw = compute_map(request.method, features_chw, head_weight_kc, class_id)
+    if temporal is None:
+        shown = normalize_map(raw)
+    else:
+        key = (class_id if METHODS[request.method].class_specific else None, request.method)
+        shown, temporal = smooth_map(temporal, raw, key)
+    prediction = Prediction(
+        class_id=class_id,
+        label=labels[class_id],
+        probability=float(probabilities[class_id]),
+        topk=tuple((i, labels[i], float(probabilities[i])) for i in ranking),
+        cam=shown,
+        method=request.method,
+        probabilities=probabilities,
+        pinned=pinned,
+    )
+    return prediction, temporal
