@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from .errors import SinkError
+from .partial import PartialFile
 from .sources import opencv_quiet
 from .threads import HELPER_CPU, lower_this_threads_priority
 from .types import Frame, Prediction
@@ -92,23 +93,16 @@ def check_not_an_input(path: str | os.PathLike, inputs: Sequence[str | os.PathLi
             raise SinkError(f"{out} is also an input ({given}): writing it would destroy it; choose another output")
 
 
-def temporary_name(path: Path) -> Path:
-    """Same folder and extension (OpenCV picks the container by extension), marked as unfinished."""
-    return path.with_name(f".{path.stem}.partial{path.suffix}")
-
-
 def write_json(doc: object, path: str | os.PathLike) -> None:
     """Write JSON under a temporary name, then rename it: a partial file never takes the real name."""
-    import json
-
-    path = Path(path)
-    tmp = temporary_name(path)
+    partial = PartialFile(path)
     try:
-        tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
-        os.replace(tmp, path)
+        partial.tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        partial.commit()
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise SinkError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        partial.discard()
 
 
 class VideoFileSink(Sink):
@@ -134,12 +128,12 @@ class VideoFileSink(Sink):
         self._started_at: float | None = None
         self._slots = 0  # frames handed to the encoder so far (real_time: what the clock says is due)
         self.encode_ms: collections.deque[float] = collections.deque(maxlen=10_000)
-        self._tmp = temporary_name(self.path)
+        self._partial = PartialFile(self.path)
         fourcc = cv2.VideoWriter_fourcc(*VIDEO_CODECS[self.path.suffix.lower()])
-        self._writer = cv2.VideoWriter(str(self._tmp), fourcc, self.fps, size_wh)
+        self._writer = cv2.VideoWriter(str(self._partial.tmp), fourcc, self.fps, size_wh)
         if not self._writer.isOpened():
             self._writer.release()
-            self._tmp.unlink(missing_ok=True)
+            self._partial.discard()
             raise SinkError(f"OpenCV cannot write {self.path} (codec {VIDEO_CODECS[self.path.suffix.lower()]})")
         self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
@@ -192,20 +186,33 @@ class VideoFileSink(Sink):
             self._thread.join()
             self._writer.release()
             self._closed = True
-            if not (self.frames_written and self._tmp.exists()):
-                self._tmp.unlink(missing_ok=True)
-            else:
-                if self._error is None:
-                    # OpenCV's writer does not report a failed write (a full disk, a file-size limit): it only
-                    # logs. So the finished file is read back before it takes the real name.
-                    in_file = frames_in_file(self._tmp)
-                    if in_file < min_frames_expected(self.frames_written):
-                        found = "no readable video" if in_file < 0 else f"{in_file} of {self.frames_written} frames"
-                        raise SinkError(f"writing {self.path} failed: the finished file holds {found} (is the "
-                                        f"disk full?); what was written is left in {self._tmp}")
-                os.replace(self._tmp, self.path)
+            if not self.frames_written:
+                self._partial.discard()
+            elif self._error is None:
+                self._finalise()
         if self._error is not None:
-            raise SinkError(f"writing {self.path} failed: {self._error}")
+            kept = f"; what was written is left in {self._partial.tmp}" if self._partial.ours() else ""
+            raise SinkError(f"writing {self.path} failed: {self._error}{kept}")
+
+
+    @property
+    def temporary_path(self) -> Path:
+        """Where the frames go until the file is complete."""
+        return self._partial.tmp
+
+    def _finalise(self) -> None:
+        """Read the finished file back, then give it its name (a one-line error, and the file kept under its
+        temporary name, when it holds fewer frames than were written)."""
+        tmp = self._partial.tmp
+        if self._partial.ours():
+            # OpenCV's writer does not report a failed write (a full disk, a file-size limit): it only logs. So
+            # the finished file is decoded before it takes the real name; a container's stated count can lie.
+            decoded = frames_in_file(tmp)
+            if decoded < self.frames_written:
+                found = "no readable video" if decoded < 0 else f"{decoded} of {self.frames_written} frames"
+                raise SinkError(f"writing {self.path} failed: the finished file holds {found} (is the disk "
+                                f"full?); what was written is left in {tmp}")
+        self._partial.commit()  # says so when the temporary file vanished or cannot be renamed
 
 
 @contextlib.contextmanager
@@ -236,19 +243,18 @@ def signals_held() -> Iterator[None]:
 
 
 def frames_in_file(path: Path) -> int:
-    """The frame count a video file's container states (-1: it does not open as a video), read quietly."""
+    """How many frames of a video file decode (-1: it does not open as a video), read quietly."""
     with opencv_quiet():
         cap = cv2.VideoCapture(str(path))
         try:
-            return int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else -1
+            if not cap.isOpened():
+                return -1
+            count = 0
+            while cap.grab():
+                count += 1
+            return count
         finally:
             cap.release()
-
-
-def min_frames_expected(written: int) -> int:
-    """Fewest frames a finished file may state: containers without a frame count (Matroska) estimate it from
-    the duration, which may be a frame or so short; a file cut off by a full disk is far shorter."""
-    return max(1, written - max(2, written // 100))
 
 
 class ImageFileSink(Sink):
@@ -259,10 +265,13 @@ class ImageFileSink(Sink):
         self.frames_written = 0
 
     def write(self, image_bgr: np.ndarray) -> None:
-        tmp = temporary_name(self.path)
-        if not cv2.imwrite(str(tmp), image_bgr):
-            raise SinkError(f"OpenCV cannot write {self.path}")
-        os.replace(tmp, self.path)
+        partial = PartialFile(self.path)
+        try:
+            if not cv2.imwrite(str(partial.tmp), image_bgr):
+                raise SinkError(f"OpenCV cannot write {self.path}")
+            partial.commit()
+        finally:
+            partial.discard()
         self.frames_written += 1
 
 

@@ -40,7 +40,7 @@ from typing import Iterator
 from realtime_cam.errors import CamError
 from realtime_cam.model import CamModel
 from realtime_cam.pipeline import RunOptions, run_loop
-from realtime_cam.sinks import NullSink, Sink, VideoFileSink, temporary_name
+from realtime_cam.sinks import NullSink, Sink, VideoFileSink
 from realtime_cam.sources import Frame, open_source
 
 MB = 1_000_000
@@ -183,7 +183,8 @@ class Sampler:
     def _output_mb(self) -> float:
         if self.output is None:
             return 0.0
-        for path in (temporary_name(self.output), self.output):  # written under a temporary name
+        partials = self.output.parent.glob(f".{self.output.stem}.*.partial{self.output.suffix}")
+        for path in (*partials, self.output):  # written under a temporary name
             with contextlib.suppress(OSError):
                 return path.stat().st_size / MB
         return 0.0

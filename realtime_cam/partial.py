@@ -1,0 +1,67 @@
+"""Output files that take their name only when complete.
+
+Each output is written under a hidden temporary name of its own, beside it: unique to this run and created
+exclusively (two runs writing the same output never share one, and an existing file is never reused), with
+the output's extension last (OpenCV picks the container by it). :meth:`PartialFile.commit` gives it the
+output's name; whatever goes wrong, a file that this run did not create is never deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import SinkError
+
+
+class PartialFile:
+    """The temporary file an output is written to (``tmp``) until :meth:`commit` renames it onto ``path``.
+
+    Creating it is the first write into the output's folder, so an unwritable folder fails here.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        folder = self.path.parent if str(self.path.parent) else Path(".")
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".partial{self.path.suffix}",
+                                        dir=folder)
+        except OSError as exc:
+            raise SinkError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        try:
+            self._identity = _identity(os.fstat(fd))
+        finally:
+            os.close(fd)
+        self.tmp = Path(name)
+
+    def ours(self) -> bool:
+        """True while ``tmp`` is still the file this object created (not removed, not replaced)."""
+        try:
+            return _identity(os.stat(self.tmp)) == self._identity
+        except OSError:
+            return False
+
+    def commit(self) -> Path:
+        """Give the complete file its name; a one-line error when it vanished or cannot be renamed."""
+        if not self.ours():
+            raise SinkError(f"writing {self.path} failed: its temporary file {self.tmp} was removed or replaced "
+                            "during the run (was the folder deleted, or another program writing there?)")
+        try:
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            raise SinkError(f"cannot give {self.path} its name ({exc.strerror or exc}); the complete file is "
+                            f"{self.tmp}") from None
+        return self.path
+
+    def discard(self) -> None:
+        """Remove the temporary file, if it is still the one this object created."""
+        if self.ours():
+            try:
+                self.tmp.unlink()
+            except OSError:
+                pass
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
