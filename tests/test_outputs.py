@@ -120,3 +120,28 @@ def test_a_partial_file_is_created_exclusively_and_unique(tmp_path):
     a.discard()
     b.discard()
     assert not list(tmp_path.iterdir())
+
+
+def test_an_encoder_error_keeps_the_file_under_its_temporary_name(tmp_path):
+    out = tmp_path / "x.avi"
+    sink = VideoFileSink(out, 25, (64, 48))
+    real = sink._writer
+
+    class Failing:
+        calls = 0
+
+        def write(self, image):
+            Failing.calls += 1
+            if Failing.calls > 2:
+                raise OSError(28, "No space left on device")
+            real.write(image)
+
+        def release(self):
+            real.release()
+
+    sink._writer = Failing()
+    write_frames(sink, 4)
+    with pytest.raises(SinkError) as caught:
+        sink.close()
+    assert str(caught.value).endswith(f"what was written is left in {sink.temporary_path}")
+    assert "No space left on device" in str(caught.value) and not out.exists()
