@@ -42,6 +42,8 @@ def load_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelError(f"model file not found: {p}")
     if p.is_dir():
         raise ModelError(f"model path is a directory, not an .onnx file: {p}")
+    if not p.is_file():  # a FIFO would block in open() until something writes to it
+        raise ModelError(f"model path is not a regular file (a pipe or a device?): {p}")
     try:
         return onnx.load(str(p))
     except Exception as exc:  # onnx raises DecodeError, ValidationError, OSError... for a bad file
@@ -66,11 +68,17 @@ class CamModel:
         proto = load_model_proto(self.path)
         self.info, self.head_weight, self.head_bias = read_contract(proto)
         providers = providers_for(device)
+        # The session is built from the model in memory, external data included (onnx.load read it in): given
+        # the path, ONNX Runtime maps external data files, and one overwritten during a run kills the process
+        # (SIGBUS).
+        try:
+            model_bytes = proto.SerializeToString()
+        except ValueError:  # protobuf's 2 GB limit
+            raise ModelError(f"{self.path} is over 2 GB with its external data; realtime-cam loads a model into "
+                             "memory whole, which protobuf limits to 2 GB") from None
         del proto
         try:
-            self._session = ort.InferenceSession(
-                str(self.path), sess_options=_session_options(), providers=providers
-            )
+            self._session = ort.InferenceSession(model_bytes, sess_options=_session_options(), providers=providers)
         except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelError(f"ONNX Runtime cannot load {self.path} ({reason})") from None

@@ -60,3 +60,12 @@ def mnv2_int8_onnx(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "mnv2-int8.onnx"
     assert main(["export", "--from-onnx", str(src), "--output", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def contract_onnx(request) -> Path:
+    """A contract file for tests that need any model: the real MobileNetV2 when ../shared is there, else the
+    seeded ResNet18 export."""
+    if HAVE_SHARED:
+        return request.getfixturevalue("mnv2_int8_onnx")
+    return request.getfixturevalue("resnet18_onnx")

@@ -1,0 +1,40 @@
+"""Model files that could hang or kill a run (issue 15, items 8 and 10)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from realtime_cam.errors import ModelError
+from realtime_cam.model import CamModel
+
+EXTERNAL = """
+import sys, numpy as np, onnx
+from pathlib import Path
+from realtime_cam.model import CamModel
+src, folder = Path(sys.argv[1]), Path(sys.argv[2])
+onnx.save(onnx.load(str(src)), str(folder / "m.onnx"), save_as_external_data=True,
+          all_tensors_to_one_file=True, location="m.data", size_threshold=0)
+model = CamModel(folder / "m.onnx", device="cpu")
+frame = np.random.default_rng(0).integers(0, 255, (100, 100, 3), dtype=np.uint8)
+before = model.infer(frame)[0]
+(folder / "m.data").write_bytes(b"\\0" * 10)      # the data file overwritten during the run
+print(np.array_equal(before, model.infer(frame)[0]))
+"""
+
+
+def test_a_model_whose_external_data_is_overwritten_during_a_run_keeps_running(contract_onnx, tmp_path):
+    """ONNX Runtime maps external data given a path: overwriting it killed the process with SIGBUS (135)."""
+    done = subprocess.run([sys.executable, "-c", EXTERNAL, str(contract_onnx), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "True"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX named pipes")
+def test_a_fifo_as_model_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    with pytest.raises(ModelError, match="not a regular file"):
+        CamModel(fifo)
