@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import SourceError
 from .preprocess import as_bgr
-from .threads import HELPER_CPU, ProcessWideOverride, few_cores, lower_this_threads_priority
+from .threads import HELPER_CPU, ProcessWideOverride, few_cores, interruptible, lower_this_threads_priority
 from .types import Frame
 
 log = logging.getLogger("realtime_cam")
@@ -160,7 +160,7 @@ class ImageSource(FrameSource):
 
     def __init__(self, spec: str) -> None:
         super().__init__(spec)
-        image = cv2.imread(spec, cv2.IMREAD_UNCHANGED)
+        image = interruptible(lambda: cv2.imread(spec, cv2.IMREAD_UNCHANGED), name=f"open:{spec}")
         if image is None:
             raise SourceError(f"cannot decode {spec} as an image")
         self._image = as_bgr(image)
@@ -185,17 +185,9 @@ class CaptureSource(FrameSource):
         self._reconnect = reconnect
         self._backoff_s = backoff_s
         self._open_params = list(open_params)
-        try:
-            self._cap = self._open()
-        except (cv2.error, OverflowError, SystemError):
-            raise SourceError(f"cannot open {describe}") from None
-        if not self._cap.isOpened():
-            self._cap.release()
-            raise SourceError(f"cannot open {describe}")
-        ok, first = self._cap.read()  # fail fast: a source that opens but yields nothing is an error now
-        if not ok or first is None:
-            self._cap.release()
-            raise SourceError(f"{describe} opened but no frame could be read from it")
+        # Opening can block without end (a named pipe with no writer, a host that never answers): in a
+        # thread of its own, so that Ctrl-C and SIGTERM still end the run.
+        self._cap, first = interruptible(self._open_first, name=f"open:{spec}")
         self._first = Frame(0, as_bgr(first), time.perf_counter())
         self.size_wh = (self._first.image_bgr.shape[1], self._first.image_bgr.shape[0])
         fps = self._cap.get(cv2.CAP_PROP_FPS)
@@ -206,6 +198,22 @@ class CaptureSource(FrameSource):
         self.decode_ms: collections.deque[float] = collections.deque(maxlen=10_000)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _open_first(self) -> tuple[cv2.VideoCapture, np.ndarray]:
+        """Open the capture and read its first frame: fail fast, a source that opens but yields nothing is an
+        error now."""
+        try:
+            cap = self._open()
+        except (cv2.error, OverflowError, SystemError):
+            raise SourceError(f"cannot open {self._describe}") from None
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(f"cannot open {self._describe}")
+        ok, first = cap.read()
+        if not ok or first is None:
+            cap.release()
+            raise SourceError(f"{self._describe} opened but no frame could be read from it")
+        return cap, first
 
     def _open(self) -> cv2.VideoCapture:
         with opencv_quiet():

@@ -6,7 +6,7 @@ import contextlib
 import os
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import cv2
 
@@ -117,3 +117,30 @@ class HelperCpu:
 
 
 HELPER_CPU = HelperCpu()
+
+
+T = TypeVar("T")
+
+
+def interruptible(call: Callable[[], T], name: str = "open") -> T:
+    """``call()`` in a daemon thread, waited for in a way Ctrl-C and SIGTERM interrupt.
+
+    For calls that can block without end in native code (opening a named pipe nobody writes to, a network
+    source that never answers): the handlers of those signals run in the main thread between its waits. An
+    interrupted call is abandoned; its thread ends with the process.
+    """
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # raised again in the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]

@@ -1,8 +1,10 @@
 """Model files that could hang or kill a run (issue 15, items 8 and 10)."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -38,3 +40,25 @@ def test_a_fifo_as_model_is_refused_at_once(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(ModelError, match="not a regular file"):
         CamModel(fifo)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX named pipes")
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_fifo_as_source_that_nobody_writes_to_can_be_interrupted(contract_onnx, tmp_path, signum, code):
+    """Opening a named pipe blocks until a writer comes; Ctrl-C and SIGTERM must still end the run."""
+    fifo = tmp_path / "clip.mp4"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-m", "realtime_cam", "run", "--model", str(contract_onnx),
+                             "--source", str(fifo), "--no-display"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while not line.startswith("realtime-cam: model "):  # the model is loaded: the source opens next
+            line = proc.stderr.readline()
+            assert line, "the run ended before it loaded the model"
+        time.sleep(1.0)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code and "Traceback" not in err, err
