@@ -193,8 +193,13 @@ class CaptureSource(FrameSource):
         fps = self._cap.get(cv2.CAP_PROP_FPS)
         self.fps = float(fps) if fps and np.isfinite(fps) and 0 < fps < 1000 else 0.0
         count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        self.frame_count = count if count > 0 and not live else None
-        self._buffer = FrameBuffer("latest" if live else "queue")
+        if live and kind == "stream" and count > 0:
+            # A URL whose container states a frame count is a file served by URL (http://host/clip.avi,
+            # file://...), not a live stream: every frame, in order, and its end ends the run (taken for a
+            # dropout, it was reopened and played again without end).
+            self.live, self.kind = False, "video"
+        self.frame_count = count if count > 0 and not self.live else None
+        self._buffer = FrameBuffer("latest" if self.live else "queue")
         self.decode_ms: collections.deque[float] = collections.deque(maxlen=10_000)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -300,7 +305,9 @@ class CaptureSource(FrameSource):
         if self._thread is None:
             self._cap.release()  # never started: the capture is still ours to release
             return
-        self._thread.join(timeout=5.0)
+        # A file's reader ends at once (the buffer is closed); a stalled stream's read may last until OpenCV's
+        # own timeout (30 s): the thread releases the capture itself, so closing need not wait for it.
+        self._thread.join(timeout=1.0)
         if self._thread.is_alive():
             log.warning("%s: still blocked in a read; it is released when that read returns", self._describe)
 

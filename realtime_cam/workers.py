@@ -18,6 +18,7 @@ from .timing import StageTimes
 from .types import Frame
 
 Item = TypeVar("Item")
+CLOSE_WAIT_S = 0.5  # how long closing waits for a helper thread that may be stuck in its source
 
 
 class Prefetcher:
@@ -92,7 +93,10 @@ class Prefetcher:
                 self._queue.get_nowait()
         except queue.Empty:
             pass
-        self._thread.join(timeout=5.0)
+        # At the end of a source the thread has finished already. Stopped early, it may be waiting on the
+        # source for a frame that does not come (a stalled stream): it ends when the source closes, and only
+        # drops what it reads meanwhile, so the run does not wait for it.
+        self._thread.join(timeout=CLOSE_WAIT_S)
 
 
 class OrderedWorker(Generic[Item]):

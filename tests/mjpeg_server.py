@@ -17,11 +17,12 @@ class MjpegServer:
 
     Args:
         stop_after: close each connection after this many frames (a camera that drops out).
+        stall_after: after this many frames, keep each connection open and send nothing (a stalled camera).
         max_connections: answer later connections with 503 (a camera that is gone for good).
     """
 
     def __init__(self, video: Path, fps: float = 25.0, stop_after: int | None = None, max_frames: int = 200,
-                 max_connections: int | None = None):
+                 max_connections: int | None = None, stall_after: int | None = None):
         cap = cv2.VideoCapture(str(video))
         self.jpegs = []
         while len(self.jpegs) < max_frames:
@@ -34,6 +35,7 @@ class MjpegServer:
         self.fps = fps
         self.stop_after = stop_after
         self.max_connections = max_connections
+        self.stall_after = stall_after
         self.connections = 0
         self._stop = threading.Event()
         server = self
@@ -58,6 +60,10 @@ class MjpegServer:
                         self.wfile.write(f"Content-Length: {len(jpeg)}\r\n\r\n".encode() + jpeg + b"\r\n")
                         sent += 1
                         if server.stop_after is not None and sent >= server.stop_after:
+                            return
+                        if server.stall_after is not None and sent >= server.stall_after:
+                            self.wfile.flush()
+                            server._stop.wait()  # until the server stops: the connection stays open, silent
                             return
                         time.sleep(1.0 / server.fps)
                 except (BrokenPipeError, ConnectionResetError):

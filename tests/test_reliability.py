@@ -376,3 +376,55 @@ def test_a_live_recording_is_written_in_real_time(tmp_path):
             sink.write(np.zeros((48, 64, 3), np.uint8))
             time.sleep(0.1)
     assert 11 <= frame_count(out) <= 15
+
+
+@needs_shared
+def test_ctrl_c_on_a_stalled_stream_ends_the_run_at_once(mnv2_int8_onnx):
+    """A stream that stops sending but keeps its connection: the capture thread is stuck in a read (OpenCV's
+    own timeout is 30 s). Ctrl-C used to wait 5 s for each of two threads in turn."""
+    with MjpegServer(shared("videos", "vtest.avi"), fps=30, stall_after=10) as server:
+        proc = subprocess.Popen([sys.executable, "-m", "realtime_cam", "run", "--model", str(mnv2_int8_onnx),
+                                 "--source", server.url, "--no-display"], stderr=subprocess.PIPE, text=True)
+        try:
+            line = ""
+            while not line.startswith("realtime-cam: model "):
+                line = proc.stderr.readline()
+                assert line, "the run ended before it loaded the model"
+            time.sleep(3.0)  # 10 frames at 30 FPS, then silence
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+            waited = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert waited < 4.0, f"took {waited:.1f} s to stop"
+
+
+@needs_shared
+def test_a_video_file_given_by_url_ends_when_the_file_does(mnv2_int8_onnx, tmp_path):
+    """http://127.0.0.1/clip.avi: the end of the file used to be taken for a dropout, reopened, and the
+    file played again without end."""
+    import functools
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "vtest.avi").symlink_to(shared("videos", "vtest.avi"))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    out = tmp_path / "o.avi"
+    try:
+        done = subprocess.run([sys.executable, "-m", "realtime_cam", "run", "--model", str(mnv2_int8_onnx),
+                               "--source", f"http://127.0.0.1:{httpd.server_address[1]}/vtest.avi",
+                               "--output", str(out), "--no-display"], capture_output=True, text=True, timeout=240)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert frame_count(out) == frame_count(shared("videos", "vtest.avi"))  # each frame once
