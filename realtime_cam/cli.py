@@ -230,26 +230,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     class_id = model.class_id_for(args.class_name) if args.class_name is not None else None
     log.info("model %s (%d classes) on %s", model_path, model.num_classes, model.provider)
 
-    with open_source(args.source, reconnect=args.reconnect) as source, contextlib.ExitStack() as outputs:
-        # Every output is a context manager: on Ctrl-C or an error each video is finalised and renamed.
-        sinks = []
-        if args.output is not None:
-            sinks.append(outputs.enter_context(
-                open_file_sink(args.output, source.fps, source.size_wh, source.kind, source.live)))
-        window = None if args.no_display else outputs.enter_context(WindowSink(f"realtime-cam: {args.source}"))
-        options = RunOptions(
-            view=ViewState(method=args.method, pinned_class=class_id, topk=args.topk, show_box=args.box,
-                           alpha=args.alpha, paused=window is not None and source.kind == "image"),
-            temporal=TemporalOptions(smooth=args.smooth, hysteresis=args.hysteresis, scale=args.scale),
-            colormap=COLORMAPS[args.colormap], box_threshold=args.box_threshold, max_frames=args.max_frames,
-            show_fps=window is not None and source.kind != "image", snapshot_dir=args.snapshot_dir,
-            record_fps=source.fps or 30.0, pace_fps=source.fps if source.kind == "video" else 0.0,
-            live_source=source.live, batch=args.batch,
-        )
-        progress = None if source.live or source.kind == "image" else Progress(source.frame_count, estimate=True)
-        result = run_loop(model, source, sinks=sinks, window=window, options=options, progress=progress)
-        if window is not None and source.kind == "image" and result.stopped_by == "end":
-            hold_window(window)
+    sinks: list = []
+    try:
+        with open_source(args.source, reconnect=args.reconnect) as source, contextlib.ExitStack() as outputs:
+            # Every output is a context manager: on Ctrl-C or an error each video is finalised and renamed.
+            if args.output is not None:
+                sinks.append(outputs.enter_context(
+                    open_file_sink(args.output, source.fps, source.size_wh, source.kind, source.live)))
+            window = None if args.no_display else outputs.enter_context(WindowSink(f"realtime-cam: {args.source}"))
+            options = RunOptions(
+                view=ViewState(method=args.method, pinned_class=class_id, topk=args.topk, show_box=args.box,
+                               alpha=args.alpha, paused=window is not None and source.kind == "image"),
+                temporal=TemporalOptions(smooth=args.smooth, hysteresis=args.hysteresis, scale=args.scale),
+                colormap=COLORMAPS[args.colormap], box_threshold=args.box_threshold, max_frames=args.max_frames,
+                show_fps=window is not None and source.kind != "image", snapshot_dir=args.snapshot_dir,
+                record_fps=source.fps or 30.0, pace_fps=source.fps if source.kind == "video" else 0.0,
+                live_source=source.live, batch=args.batch,
+            )
+            progress = None if source.live or source.kind == "image" else Progress(source.frame_count, estimate=True)
+            result = run_loop(model, source, sinks=sinks, window=window, options=options, progress=progress)
+            if window is not None and source.kind == "image" and result.stopped_by == "end":
+                hold_window(window)
+    except KeyboardInterrupt:
+        _report_interrupted(sinks)
+        raise
     if result.last is not None:
         rate = f"{result.frames} frames at {result.fps:.1f} FPS" if result.frames > 1 else "1 frame"
         log.info("%s; last: %s %.1f%%", rate, result.last.label, 100 * result.last.probability)
@@ -260,6 +264,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     for sink in sinks:
         log.info("wrote %s (%d frames)", sink.path, sink.frames_written)
     return EXIT_OK
+
+
+def _report_interrupted(sinks: Sequence) -> None:
+    """After Ctrl-C or SIGTERM, once the outputs are closed: what each one holds."""
+    for sink in sinks:
+        if sink.complete:
+            log.info("%s is finalised with the first %d frames: every frame explained before the interrupt "
+                     "(later ones were not)", sink.path, sink.frames_written)
+        elif not sink.frames_written:
+            log.info("%s was not written: no frame was explained before the interrupt", sink.path)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -399,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        print(f"\nrealtime-cam: {what}; outputs written so far are finalised", file=sys.stderr)
+        print(f"\nrealtime-cam: {what}", file=sys.stderr)
         return EXIT_INTERRUPTED if not isinstance(exc, Terminated) else 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)

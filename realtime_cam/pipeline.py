@@ -19,7 +19,7 @@ from .explain import Request, explain
 from .localize import cam_box
 from .overlay import OverlayStyle, render
 from .progress import Progress
-from .sinks import Sink, SnapshotSink, WindowSink
+from .sinks import Sink, SnapshotSink, WindowSink, signals_held
 from .temporal import TemporalOptions, TemporalState, flicker
 from .threads import single_threaded_opencv
 from .timing import STAGES, Rate, StageTimes
@@ -237,21 +237,30 @@ def _run_headless(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
     except BaseException as exc:
         # Ctrl-C or an error: still write every frame handed over before the sinks close, and let the
         # first problem be the one reported (a second one from the render thread is only logged).
-        prefetch.close()
         try:
-            worker.finish()
+            _drain(prefetch, worker)
         except Exception as later:
             if later is not exc:
                 log.warning("while stopping: %s", later)
         raise
-    prefetch.close()
-    worker.finish()
+    _drain(prefetch, worker)
     if rate.done > 1:
         rate.last_at = time.perf_counter()  # the run ends when the last overlay is written
     if progress is not None:
         progress.close(rate.done, rate.fps)
     return RunResult(frames=rate.done, fps=rate.fps, stage_ms=times.summary(), stopped_by=stopped_by,
                      last=renderer.state.last, flicker=renderer.state.flicker)
+
+
+def _drain(prefetch: Prefetcher, worker: OrderedWorker) -> None:
+    """Stop reading ahead and wait until every frame handed to the render thread is drawn and written.
+
+    A Ctrl-C or SIGTERM that arrives meanwhile is acted on once they are: interrupted here, the sinks would
+    close under the render thread and lose the frames already explained.
+    """
+    prefetch.close()
+    with signals_held():
+        worker.finish()
 
 
 def _run_windowed(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink], window: WindowSink,

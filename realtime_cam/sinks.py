@@ -124,6 +124,7 @@ class VideoFileSink(Sink):
         self.size_wh = size_wh
         self.fps = fps if fps > 0 else 30.0
         self.frames_written = 0
+        self.complete = False  # True once the file has its name, read back whole
         self.real_time = real_time
         self._started_at: float | None = None
         self._slots = 0  # frames handed to the encoder so far (real_time: what the clock says is due)
@@ -213,6 +214,7 @@ class VideoFileSink(Sink):
                 raise SinkError(f"writing {self.path} failed: the finished file holds {found} (is the disk "
                                 f"full?); what was written is left in {tmp}")
         self._partial.commit()  # says so when the temporary file vanished or cannot be renamed
+        self.complete = True
 
 
 @contextlib.contextmanager
@@ -263,6 +265,7 @@ class ImageFileSink(Sink):
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = check_output_path(path, IMAGE_EXTENSIONS)
         self.frames_written = 0
+        self.complete = False
 
     def write(self, image_bgr: np.ndarray) -> None:
         partial = PartialFile(self.path)
@@ -273,6 +276,7 @@ class ImageFileSink(Sink):
         finally:
             partial.discard()
         self.frames_written += 1
+        self.complete = True
 
 
 class SnapshotSink(Sink):

@@ -6,6 +6,7 @@ so a refused rename is simulated by making os.replace fail as the kernel would.
 
 import os
 import shutil
+import time
 
 import cv2
 import numpy as np
@@ -145,3 +146,35 @@ def test_an_encoder_error_keeps_the_file_under_its_temporary_name(tmp_path):
         sink.close()
     assert str(caught.value).endswith(f"what was written is left in {sink.temporary_path}")
     assert "No space left on device" in str(caught.value) and not out.exists()
+
+
+def test_a_signal_while_the_last_frames_are_drawn_and_written_loses_none(contract_onnx):
+    """Ctrl-C after the last frame is inferred, while the render thread still draws and writes: every frame
+    explained must reach the sinks before the interrupt is raised (it used to close the sinks under the
+    render thread, losing frames while saying they were saved)."""
+    import signal
+    import threading
+
+    from realtime_cam.model import CamModel
+    from realtime_cam.pipeline import RunOptions, run_loop
+    from realtime_cam.sinks import Sink
+    from realtime_cam.types import Frame
+
+    class SlowSink(Sink):
+        written = 0
+
+        def write(self, image_bgr):
+            time.sleep(0.1)  # 1.2 s for all 12: the signal comes while the render thread is at it
+            SlowSink.written += 1
+
+    def frames():
+        for i in range(12):
+            yield Frame(i, np.full((120, 160, 3), 20 * i, np.uint8), 0.0)
+        # The source has ended: the loop infers what is left and waits for the render thread.
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    model = CamModel(contract_onnx, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(model, frames(), sinks=[SlowSink()], options=RunOptions(batch=4))
+        time.sleep(2)  # not reached when the signal comes during the run, as it should
+    assert SlowSink.written == 12
