@@ -22,12 +22,12 @@ import cv2
 import numpy as np
 
 from .errors import SinkError
+from .images import WRITABLE_IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # what ImageFileSink writes; cli reads it here
 from .sources import opencv_quiet
 from .threads import HELPER_CPU, lower_this_threads_priority
 
 # Container -> codec OpenCV's bundled FFmpeg writes without extra libraries.
 VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class Sink:
