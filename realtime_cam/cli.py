@@ -29,8 +29,8 @@ from .cliutil import (
     smooth_weight,
 )
 from .errors import CamError
-from .evaluate import add_parser as add_evaluate_parser
-from .evaluate import cmd_evaluate
+from .evaluation.command import add_parser as add_evaluate_parser
+from .evaluation.command import cmd_evaluate
 from .export.precision import CALIBRATIONS, DEFAULT_CALIBRATION
 from .model import DEVICES
 from .overlay import COLORMAPS
