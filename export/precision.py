@@ -42,9 +42,10 @@ from realtime_cam.contract import (
 )
 from realtime_cam.errors import CamError, ExportError, SourceError
 from realtime_cam.fidelity import fidelity, format_fidelity
+from realtime_cam.images import IMAGE_EXTENSIONS
 from realtime_cam.model import CamModel
 from realtime_cam.preprocess import Preprocessor, as_bgr
-from realtime_cam.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, open_source
+from realtime_cam.sources import VIDEO_EXTENSIONS, open_source
 
 from .checks import cpu_session, float_tolerance, replace_atomically
 

@@ -118,14 +118,17 @@ def prediction_lines(prediction: Prediction) -> list[str]:
     return lines
 
 
-def draw_box(image: np.ndarray, box_xyxy: tuple[float, float, float, float], label: str) -> None:
-    """The localization box with its label, in place; a dark outline keeps it visible on any colour."""
+def draw_box(image: np.ndarray, box_xyxy: tuple[float, float, float, float], label: str,
+             color: tuple[int, int, int] = (255, 255, 255), thickness: int | None = None) -> None:
+    """The localization box in ``color`` (BGR) with its label, in place; a dark outline keeps it visible on any
+    colour. The line is as thick as the label's letters unless ``thickness`` says otherwise."""
     h, w = image.shape[:2]
-    scale, thickness = text_scale((h, w))
+    scale, text_thickness = text_scale((h, w))
+    thickness = text_thickness if thickness is None else thickness
     x0, y0, x1, y1 = (int(round(v)) for v in box_xyxy)
     x1, y1 = max(x0, x1 - 1), max(y0, y1 - 1)  # exclusive edges -> last pixel inside
     cv2.rectangle(image, (x0, y0), (x1, y1), (0, 0, 0), thickness + 2, cv2.LINE_AA)
-    cv2.rectangle(image, (x0, y0), (x1, y1), (255, 255, 255), thickness, cv2.LINE_AA)
+    cv2.rectangle(image, (x0, y0), (x1, y1), color, thickness, cv2.LINE_AA)
     # The label sits inside the box's bottom-left corner: the top-left of the frame holds the class list.
     draw_text_lines(image, [label], (min(max(0, x0 + thickness), w - 1), min(max(1, y1 - thickness), h)),
                     anchor="bottom")

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from .errors import SinkError
+from .images import WRITABLE_IMAGE_EXTENSIONS
 from .partial import PartialFile
 from .sources import opencv_quiet
 from .threads import HELPER_CPU, lower_this_threads_priority
@@ -30,7 +31,6 @@ from .types import Frame, Prediction
 
 # Container -> codec OpenCV's bundled FFmpeg writes without extra libraries.
 VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class Sink:
@@ -263,7 +263,7 @@ class ImageFileSink(Sink):
     """Writes the overlay as an image (the last frame written wins): for image sources."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = check_output_path(path, IMAGE_EXTENSIONS)
+        self.path = check_output_path(path, WRITABLE_IMAGE_EXTENSIONS)
         self.frames_written = 0
         self.complete = False
 
@@ -392,7 +392,7 @@ def _image_sink(path: Path, fps: float, size_wh: tuple[int, int], kind: str, liv
 # Output file suffix -> the sink that writes it, given (path, fps, size_wh, source kind, live source).
 FILE_SINKS: dict[str, Callable[[Path, float, tuple[int, int], str, bool], Sink]] = {
     **dict.fromkeys(VIDEO_CODECS, _video_sink),
-    **dict.fromkeys(sorted(IMAGE_EXTENSIONS), _image_sink),
+    **dict.fromkeys(sorted(WRITABLE_IMAGE_EXTENSIONS), _image_sink),
 }
 
 

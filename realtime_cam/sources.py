@@ -21,13 +21,13 @@ import cv2
 import numpy as np
 
 from .errors import SourceError
+from .images import is_image_path, read_image
 from .preprocess import as_bgr
 from .threads import HELPER_CPU, ProcessWideOverride, few_cores, interruptible, lower_this_threads_priority
 from .types import Frame
 
 log = logging.getLogger("realtime_cam")
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jp2"}
 # What a folder of clips holds (a source given by name is tried as a video whatever its extension).
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv"}
 URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -160,10 +160,7 @@ class ImageSource(FrameSource):
 
     def __init__(self, spec: str) -> None:
         super().__init__(spec)
-        image = interruptible(lambda: cv2.imread(spec, cv2.IMREAD_UNCHANGED), name=f"open:{spec}")
-        if image is None:
-            raise SourceError(f"cannot decode {spec} as an image")
-        self._image = as_bgr(image)
+        self._image = interruptible(lambda: read_image(spec), name=f"open:{spec}")  # a FIFO would block
         self.size_wh = (self._image.shape[1], self._image.shape[0])
         self.frame_count = 1
 
@@ -320,10 +317,6 @@ def _is_url(spec: str) -> bool:
     return bool(URL_RE.match(spec))
 
 
-def _is_image(spec: str) -> bool:
-    return Path(spec).suffix.lower() in IMAGE_EXTENSIONS
-
-
 def _open_webcam(spec: str, reconnect: int = 0) -> FrameSource:
     index = int(spec)
     return CaptureSource(spec, index, "webcam", True, f"webcam {index} (no such camera, or it is busy)",
@@ -368,7 +361,7 @@ def _open_video(spec: str, reconnect: int = 0) -> FrameSource:
 SOURCE_KINDS: dict[str, tuple[Callable[[str], bool], Callable[..., FrameSource]]] = {
     "webcam": (_is_webcam, _open_webcam),
     "stream": (_is_url, _open_stream),
-    "image": (_is_image, _open_image),
+    "image": (is_image_path, _open_image),
     "video": (lambda spec: True, _open_video),
 }
 

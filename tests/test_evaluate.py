@@ -14,22 +14,19 @@ import pytest
 
 from realtime_cam.cams import METHODS
 from realtime_cam.errors import CamError
-from realtime_cam.evaluate import (
+from realtime_cam.evaluation.annotations import load_ground_truth, read_boxes_csv, resolve_image
+from realtime_cam.cli import build_parser, cmd_evaluate
+from realtime_cam.evaluation.metrics import (
     ImageResult,
-    add_parser,
     apply_crop,
     center_baseline,
     center_crop_transform,
-    cmd_evaluate,
     crop_boxes,
-    load_ground_truth,
     max_box_acc,
     max_box_acc_v2,
     peak_xy,
     point_hits,
     rank_classes,
-    read_boxes_csv,
-    resolve_image,
     score_image,
     summarize,
     wsol_best_ious,
@@ -43,9 +40,7 @@ LABELS = ("tench", "goldfish", "tabby cat")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="realtime-cam")
-    add_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["evaluate", *argv])
+    return build_parser().parse_args(["evaluate", *argv])
 
 
 # ----------------------------------------------------------------------------- wsolevaluation boxes and IoU
@@ -363,7 +358,7 @@ def _plain_iou(a, b) -> float:
 
 
 def independent_numbers(model_path: Path, folder: Path, threshold: float = 0.2) -> dict:
-    """The headline numbers again, written out with loops: no code from realtime_cam.evaluate."""
+    """The headline numbers again, written out with loops: no code from realtime_cam.evaluation."""
     from realtime_cam.model import CamModel
 
     model = CamModel(model_path, device="cpu")
@@ -508,7 +503,7 @@ def test_center_crop_leaves_out_objects_the_model_never_sees(mnv2_int8_onnx, tmp
 
 def test_imagenet_xml_with_wordnet_ids(tmp_path):
     from realtime_cam.errors import CamError
-    from realtime_cam.evaluate import load_ground_truth, load_wnids
+    from realtime_cam.evaluation.annotations import load_ground_truth, load_wnids
 
     labels = tuple(f"class {i}" for i in range(1000))
     xml = tmp_path / "xml"
@@ -527,7 +522,7 @@ def test_imagenet_xml_with_wordnet_ids(tmp_path):
 
 
 def test_an_image_with_two_classes_is_scored_once_per_class(tmp_path):
-    from realtime_cam.evaluate import read_boxes_csv
+    from realtime_cam.evaluation.annotations import read_boxes_csv
 
     path = tmp_path / "b.csv"
     path.write_text("file,class_id,x0,y0,x1,y1\na.jpg,1,0,0,3,3\na.jpg,2,5,5,9,9\na.jpg,1,1,1,4,4\n")
@@ -536,7 +531,8 @@ def test_an_image_with_two_classes_is_scored_once_per_class(tmp_path):
 
 
 def test_overlay_names_stay_in_the_save_dir_differ_per_class_and_never_reuse_an_input_name():
-    from realtime_cam.evaluate import GroundTruth, overlay_name
+    from realtime_cam.evaluation.annotations import GroundTruth
+    from realtime_cam.evaluation.run import overlay_name
 
     assert overlay_name(GroundTruth("a.JPEG", 5, ())) == "a.JPEG.class5.cam.jpg"
     assert overlay_name(GroundTruth("a.JPEG", 7, ())) != overlay_name(GroundTruth("a.JPEG", 5, ()))
@@ -550,7 +546,8 @@ def test_overlay_names_stay_in_the_save_dir_differ_per_class_and_never_reuse_an_
 
 
 def test_overlay_paths_are_numbered_rather_than_shared_or_put_over_an_input(tmp_path):
-    from realtime_cam.evaluate import GroundTruth, unique_overlay_path
+    from realtime_cam.evaluation.annotations import GroundTruth
+    from realtime_cam.evaluation.run import unique_overlay_path
 
     used: set = set()
     clash = tmp_path / "x.jpg.class2.cam.jpg"  # an input image that happens to have an overlay's name
@@ -564,7 +561,7 @@ def test_overlay_paths_are_numbered_rather_than_shared_or_put_over_an_input(tmp_
 
 @pytest.mark.parametrize("class_text", ["--5", "\u00b2", "7.0"])
 def test_a_class_id_that_is_not_a_whole_number_is_one_line(tmp_path, class_text):
-    from realtime_cam.evaluate import read_boxes_csv
+    from realtime_cam.evaluation.annotations import read_boxes_csv
 
     csv_path = tmp_path / "boxes.csv"
     csv_path.write_text(f"file,class_id,x0,y0,x1,y1\na.jpg,{class_text},1,1,5,5\n", encoding="utf-8")
@@ -575,7 +572,7 @@ def test_a_class_id_that_is_not_a_whole_number_is_one_line(tmp_path, class_text)
 def test_a_wnids_or_labels_file_that_is_not_text_is_one_line(tmp_path):
     from realtime_cam.contract import load_labels
     from realtime_cam.errors import ModelError
-    from realtime_cam.evaluate import load_wnids
+    from realtime_cam.evaluation.annotations import load_wnids
 
     binary = tmp_path / "binary.txt"
     binary.write_bytes(bytes(range(256)) * 4)
