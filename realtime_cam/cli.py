@@ -431,11 +431,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     report = run_evaluate(config, progress=lambda total: Progress(total, label="images"))
     print(format_table(report))
+    partial = " (partial: interrupted)" if report.interrupted is not None else ""
     if args.json is not None:
         write_json(report_dict(report), args.json)
-        log.info("wrote %s", args.json)
+        log.info("wrote %s%s", args.json, partial)
     if args.save_dir is not None:
-        log.info("wrote %d overlays to %s", len(report.results), args.save_dir)
+        log.info("wrote %d overlays to %s%s", len(report.results), args.save_dir, partial)
+    if report.interrupted is not None:
+        raise report.interrupted
     return EXIT_OK
 
 

@@ -66,6 +66,9 @@ class EvalReport:
 
     ``outside_crop`` lists the (file, class_id) rows left out under ``--crop center`` because every box of the
     class falls outside the crop: the model never saw the object, so they say nothing about the map.
+    ``outside_image`` lists the rows whose boxes all lie outside their image (a wrong annotation).
+    ``interrupted`` is the Ctrl-C or SIGTERM that stopped the run early (the report then covers the rows
+    scored before it), None for a complete run.
     """
 
     config: EvaluateConfig
@@ -74,6 +77,8 @@ class EvalReport:
     labels: tuple[str, ...]
     seconds: float
     outside_crop: tuple[tuple[str, int], ...] = ()
+    outside_image: tuple[tuple[str, int], ...] = ()
+    interrupted: BaseException | None = None
 
 
 def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | None = None,
@@ -93,16 +98,14 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
         raise CamError(f"--crop must be one of {', '.join(CROPS)}; got {config.crop!r}")
     if not config.images.is_dir():
         raise CamError(f"images folder not found: {config.images}")
+    if config.save_dir is not None:  # before any work: a folder that cannot be made is a one-line error
+        make_save_dir(config.save_dir)
     model = CamModel(config.model, device=config.device)
     labels = model.labels
     truths = load_ground_truth(config.boxes, labels, load_wnids(config.wnids) if config.wnids else None)
     if config.max_images is not None:
         truths = truths[: config.max_images]
     paths = [resolve_image(config.images, gt) for gt in truths]  # every image exists before any work
-    if config.save_dir is not None:
-        if config.save_dir.exists() and not config.save_dir.is_dir():
-            raise SinkError(f"--save-dir is a file, not a folder: {config.save_dir}")
-        config.save_dir.mkdir(parents=True, exist_ok=True)
 
     bar = progress(len(truths)) if progress is not None else None
     used_names: set[Path] = set()
@@ -111,38 +114,59 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
     rows_left = collections.Counter(paths)
     views: dict[Path, _ModelView] = {}
     results = []
-    outside_crop: list[tuple[str, int]] = []
+    left_out: dict[str, list[tuple[str, int]]] = {"outside crop": [], "outside image": []}
+    interrupted: BaseException | None = None
     start = time.perf_counter()
-    for done, (gt, path) in enumerate(zip(truths, paths), 1):
-        view = views.pop(path, None) or _ModelView.of(path, model, config)
-        rows_left[path] -= 1
-        if rows_left[path]:
-            views[path] = view
-        scored = _score_row(model, config, gt, path, view)
-        if scored is None:  # nothing of the object is in what the model sees: no map can find it
-            outside_crop.append((gt.file, gt.class_id))
-        else:
-            frame, prediction, result = scored
-            results.append(result)
-            if config.save_dir is not None:
-                out_path = unique_overlay_path(config.save_dir, gt, used_names, input_paths)
-                image = draw_result(frame, prediction.cam, result, labels, config.box_threshold)
-                if not cv2.imwrite(str(out_path), image, [cv2.IMWRITE_JPEG_QUALITY, 90]):
-                    raise SinkError(f"cannot write {out_path}")
-            if on_image is not None:
-                on_image(result)
-        if bar is not None and done < len(truths):  # close() prints the last line
-            elapsed = time.perf_counter() - start
-            bar.update(done, done / elapsed if elapsed > 0 else 0.0)
+    try:
+        for done, (gt, path) in enumerate(zip(truths, paths), 1):
+            view = views.pop(path, None) or _ModelView.of(path, model, config)
+            rows_left[path] -= 1
+            if rows_left[path]:
+                views[path] = view
+            scored = _score_row(model, config, gt, path, view)
+            if isinstance(scored, str):  # nothing of the object is in what the model sees: no map can find it
+                left_out[scored].append((gt.file, gt.class_id))
+            else:
+                frame, prediction, result = scored
+                results.append(result)
+                if config.save_dir is not None:
+                    out_path = unique_overlay_path(config.save_dir, gt, used_names, input_paths)
+                    image = draw_result(frame, prediction.cam, result, labels, config.box_threshold)
+                    if not cv2.imwrite(str(out_path), image, [cv2.IMWRITE_JPEG_QUALITY, 90]):
+                        raise SinkError(f"cannot write {out_path}")
+                if on_image is not None:
+                    on_image(result)
+            if bar is not None and done < len(truths):  # close() prints the last line
+                elapsed = time.perf_counter() - start
+                bar.update(done, done / elapsed if elapsed > 0 else 0.0)
+    except KeyboardInterrupt as exc:  # the rows scored so far are reported, marked as such, then it is raised
+        if not results:
+            raise
+        interrupted = exc
     elapsed = time.perf_counter() - start
-    if bar is not None:
+    if bar is not None and interrupted is None:
         bar.close(len(truths), len(truths) / elapsed if elapsed > 0 else 0.0)
-    if not results and outside_crop:
-        raise CamError(f"every image's boxes fall outside the centre crop ({len(outside_crop)} (image, class) "
-                       "rows): nothing to score; use --crop none")
+    if not results and not left_out["outside image"]:
+        raise CamError(f"every image's boxes fall outside the centre crop ({len(left_out['outside crop'])} "
+                       "(image, class) rows): nothing to score; use --crop none")
+    if not results:
+        raise CamError(f"no (image, class) row can be scored: {len(left_out['outside image'])} have every box "
+                       f"outside their image and {len(left_out['outside crop'])} outside the centre crop; check "
+                       "the annotations")
     summary = summarize(results, topk=config.topk)
     return EvalReport(config=config, summary=summary, results=tuple(results), labels=tuple(labels),
-                      seconds=elapsed, outside_crop=tuple(outside_crop))
+                      seconds=elapsed, outside_crop=tuple(left_out["outside crop"]),
+                      outside_image=tuple(left_out["outside image"]), interrupted=interrupted)
+
+
+def make_save_dir(folder: Path) -> None:
+    """The overlay folder, made if missing; a one-line error when it is a file or cannot be made."""
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise SinkError(f"--save-dir is a file, not a folder: {folder}")
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a parent folder should be, a name too long, no permission
+        raise SinkError(f"cannot make --save-dir {folder}: {exc.strerror or exc}") from None
 
 
 class _ModelView:
@@ -169,18 +193,21 @@ class _ModelView:
 
 
 def _score_row(model: CamModel, config: EvaluateConfig, gt: GroundTruth, path: Path,
-               view: _ModelView) -> tuple[np.ndarray, Prediction, ImageResult] | None:
-    """One (image, class) row: the image as the model saw it, the prediction and the scores; None when
-    ``--crop center`` cut every box of the class away."""
+               view: _ModelView) -> tuple[np.ndarray, Prediction, ImageResult] | str:
+    """One (image, class) row: the image as the model saw it, the prediction and the scores; or why it is
+    left out: "outside image" (every box of the class lies outside its image) or "outside crop"
+    (``--crop center`` cut every box away)."""
     w, h = view.size_wh
     if gt.size_wh is not None and gt.size_wh != (w, h):
         raise CamError(f"{gt.where}: the annotation says {gt.size_wh[0]}x{gt.size_wh[1]} but {path.name} "
                        f"is {w}x{h}")
     gt_boxes = clip_boxes(gt.boxes_xyxy, (w, h))
+    if not gt_boxes:
+        return "outside image"
     if view.crop is not None:
         gt_boxes = crop_boxes(gt_boxes, view.crop)
         if not gt_boxes:
-            return None
+            return "outside crop"
     frame = view.frame
     eval_h, eval_w = frame.shape[:2]
     logits, features = view.outputs(model)
@@ -267,6 +294,8 @@ def report_dict(report: EvalReport) -> dict:
         "boxes": s.boxes,
         "top1_ties": s.top1_ties,
         "left_out_outside_crop": [{"file": f, "class_id": c} for f, c in report.outside_crop],
+        "left_out_outside_image": [{"file": f, "class_id": c} for f, c in report.outside_image],
+        "partial": report.interrupted is not None,
         "seconds": round(report.seconds, 3),
         "settings": {
             "model": str(c.model), "images": str(c.images), "boxes": str(c.boxes), "method": c.method,
@@ -331,6 +360,13 @@ def format_table(report: EvalReport) -> str:
     if report.outside_crop:
         lines.append(f"({len(report.outside_crop)} (image, class) row(s) left out: every box of the class falls "
                      "outside the centre crop, so the model never saw the object)")
+    if report.outside_image:
+        files = ", ".join(f"{f} class {c}" for f, c in report.outside_image[:5])
+        more = ", ..." if len(report.outside_image) > 5 else ""
+        lines.append(f"({len(report.outside_image)} (image, class) row(s) left out: every box of the class lies "
+                     f"outside its image, check the annotation: {files}{more})")
+    if report.interrupted is not None:
+        lines.append(f"(interrupted: these figures cover the first {s.images} scored row(s) only)")
     if s.top1_ties:
         lines.append(f"({s.top1_ties} image(s) had a tie for the highest logit: ranked by class id)")
     return "\n".join(lines)
