@@ -1,12 +1,14 @@
-"""Class activation maps: pure numpy functions of (features, head, class), at feature resolution.
+"""Class activation maps: pure numpy functions at feature resolution.
 
-Every method in METHODS maps ``(features_chw, weight_kc, class_id) -> raw map [h, w]``. What is shared is
-applied once, outside the methods (TorchCAM's ``compute_cams`` shape): the ReLU for methods defined with
-one, then min-max normalisation (:func:`compute_map`). Upsampling to the frame happens when drawing.
+Every method in METHODS maps what it needs (the head's weights, the gradients of the class score, or the
+features alone) to a raw map [h, w]. What is shared is applied once, outside the methods (TorchCAM's
+``compute_cams`` shape): the ReLU for methods defined with one, then min-max normalisation
+(:func:`compute_map`). Upsampling to the frame happens when drawing.
 
 For a head that is global average pooling + one linear layer, the gradient of the class score y_c with
-respect to the feature A_k(i, j) is W[c, k] / (h * w), for every (i, j). So the gradient methods have
-closed forms here and need no autograd, which ONNX does not have.
+respect to the feature A_k(i, j) is W[c, k] / (h * w), for every (i, j): the gradient methods have closed
+forms there. Other heads carry the gradient as an output of the model file, computed inside the graph at
+export (ONNX Runtime has no autograd).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+from .errors import CamError
 
 EPS = 1e-6  # pytorch-grad-cam's constant (grad_cam_plusplus.py); it matters: here g is ~W/49
 
@@ -31,31 +35,48 @@ def head_gradients(features_chw: np.ndarray, weight_kc: np.ndarray, class_id: in
     return (weight_kc[class_id] / float(h * w)).astype(np.float32).reshape(-1, 1, 1)
 
 
-def gradcam(features_chw: np.ndarray, weight_kc: np.ndarray, class_id: int) -> np.ndarray:
+def _weighted_sum(channel_weights: np.ndarray, features_chw: np.ndarray) -> np.ndarray:
+    """sum_k w_k * A_k as one matrix-vector product."""
+    c, h, w = features_chw.shape
+    return (channel_weights.astype(np.float32) @ features_chw.reshape(c, h * w)).reshape(h, w)
+
+
+def gradcam(features_chw: np.ndarray, grads_chw: np.ndarray) -> np.ndarray:
     """Grad-CAM (Selvaraju et al. 2017): channel weights are the spatial mean of the gradients.
 
-    Before its ReLU this equals CAM / (h * w) for this head (tested, not assumed).
+    For a GAP + linear head, before its ReLU, this equals CAM / (h * w) (tested, not assumed).
     """
-    grads = head_gradients(features_chw, weight_kc, class_id)
-    alpha = grads.reshape(-1)  # the spatial mean of a gradient that is constant over space
-    c, h, w = features_chw.shape
-    return (alpha @ features_chw.reshape(c, h * w)).reshape(h, w)
+    return _weighted_sum(grads_chw.mean(axis=(1, 2)), features_chw)
 
 
-def gradcam_pp(features_chw: np.ndarray, weight_kc: np.ndarray, class_id: int) -> np.ndarray:
+def gradcam_pp(features_chw: np.ndarray, grads_chw: np.ndarray) -> np.ndarray:
     """Grad-CAM++ (Chattopadhay et al. 2018) in the closed form pytorch-grad-cam uses, with exact gradients."""
-    grads = head_gradients(features_chw, weight_kc, class_id)
-    g2, g3 = grads**2, grads**3
+    g2, g3 = grads_chw**2, grads_chw**3
     sum_a = features_chw.sum(axis=(1, 2)).reshape(-1, 1, 1)
     aij = g2 / (2.0 * g2 + sum_a * g3 + EPS)
-    aij = np.where(grads != 0, aij, 0.0)
-    c, h, w = features_chw.shape
-    # The per-pixel weights are constant over space here, so their spatial sum is h * w times one of them.
-    weights = (np.maximum(grads, 0.0) * aij).reshape(-1) * float(h * w)
-    return (weights.astype(np.float32) @ features_chw.reshape(c, h * w)).reshape(h, w)
+    aij = np.where(grads_chw != 0, aij, 0.0)
+    # Gradients that are constant over space come as [C, 1, 1]: their per-pixel weights are summed over the map.
+    weights = np.broadcast_to(np.maximum(grads_chw, 0.0) * aij, features_chw.shape).sum(axis=(1, 2))
+    return _weighted_sum(weights, features_chw)
 
 
-def eigencam(features_chw: np.ndarray, weight_kc: np.ndarray, class_id: int) -> np.ndarray:
+def xgradcam(features_chw: np.ndarray, grads_chw: np.ndarray) -> np.ndarray:
+    """XGrad-CAM (Fu et al. 2020): channel weights sum_ij(g * A) / sum_ij(A), as pytorch-grad-cam computes them."""
+    weights = (grads_chw * features_chw).sum(axis=(1, 2)) / (features_chw.sum(axis=(1, 2)) + 1e-7)
+    return _weighted_sum(weights, features_chw)
+
+
+def layercam(features_chw: np.ndarray, grads_chw: np.ndarray) -> np.ndarray:
+    """LayerCAM (Jiang et al. 2021): every position weighted by its own positive gradient, summed over channels."""
+    return (np.maximum(grads_chw, 0.0) * features_chw).sum(axis=0)
+
+
+def hirescam(features_chw: np.ndarray, grads_chw: np.ndarray) -> np.ndarray:
+    """HiResCAM (Draelos & Carin 2020): gradients times features elementwise, summed over channels."""
+    return (grads_chw * features_chw).sum(axis=0)
+
+
+def eigencam(features_chw: np.ndarray, weight_kc: np.ndarray | None = None, class_id: int = 0) -> np.ndarray:
     """Eigen-CAM (Muhammad & Yeasin 2020): the features' first principal component; no class involved.
 
     The sign of a principal component is arbitrary: it is chosen so the map correlates positively with the
@@ -77,28 +98,39 @@ def eigencam(features_chw: np.ndarray, weight_kc: np.ndarray, class_id: int) -> 
     return proj.reshape(h, w).astype(np.float32)
 
 
+NEEDS = ("head", "grads", "features")
+
+
 @dataclass(frozen=True)
 class Method:
     """A registered map method.
 
     Attributes:
-        fn: the pure function (features_chw, weight_kc, class_id) -> raw map.
+        fn: the pure function of what it needs: (features_chw, weight_kc, class_id) for "head" and "features",
+            (features_chw, grads_chw) for "grads".
         relu: apply ReLU to the raw map (part of the method's definition).
         class_specific: False when the map ignores the class (eigencam).
         summary: one line for --help and the HUD.
+        needs: "head" (the linear head's weights: a GAP + linear head), "grads" (d score / d features: from
+            the model's gradient output, or in closed form for a GAP + linear head) or "features" only.
     """
 
-    fn: Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+    fn: Callable[..., np.ndarray]
     relu: bool
     class_specific: bool
     summary: str
+    needs: str = "grads"
 
 
 METHODS: dict[str, Method] = {
-    "cam": Method(cam, relu=False, class_specific=True, summary="CAM (Zhou et al. 2016): W[class] @ features"),
-    "gradcam": Method(gradcam, relu=True, class_specific=True, summary="Grad-CAM, closed form for GAP+linear"),
-    "gradcam++": Method(gradcam_pp, relu=True, class_specific=True, summary="Grad-CAM++, closed form"),
-    "eigencam": Method(eigencam, relu=False, class_specific=False,
+    "cam": Method(cam, relu=False, class_specific=True, needs="head",
+                  summary="CAM (Zhou et al. 2016): W[class] @ features"),
+    "gradcam": Method(gradcam, relu=True, class_specific=True, summary="Grad-CAM: spatial mean of the gradients"),
+    "gradcam++": Method(gradcam_pp, relu=True, class_specific=True, summary="Grad-CAM++"),
+    "xgradcam": Method(xgradcam, relu=True, class_specific=True, summary="XGrad-CAM: activation-weighted gradients"),
+    "layercam": Method(layercam, relu=True, class_specific=True, summary="LayerCAM: per-position positive gradients"),
+    "hirescam": Method(hirescam, relu=True, class_specific=True, summary="HiResCAM: gradients x features"),
+    "eigencam": Method(eigencam, relu=False, class_specific=False, needs="features",
                        summary="Eigen-CAM: first principal component of the features (class-agnostic)"),
 }
 
@@ -113,10 +145,30 @@ def normalize_map(raw: np.ndarray) -> np.ndarray:
     return (raw - lo) * np.float32(1.0 / span)
 
 
-def compute_map(method: str, features_chw: np.ndarray, weight_kc: np.ndarray, class_id: int) -> np.ndarray:
-    """The raw map of a registered method, with its ReLU applied (not yet normalised)."""
+def compute_map(method: str, features_chw: np.ndarray, weight_kc: np.ndarray | None, class_id: int,
+                grads_chw: np.ndarray | None = None) -> np.ndarray:
+    """The raw map of a registered method, with its ReLU applied (not yet normalised).
+
+    Args:
+        weight_kc: the linear head's weight [K, C] of a GAP + linear head, else None.
+        grads_chw: d logits[class_id] / d features ([C, h, w]); None computes it in closed form from
+            ``weight_kc`` (GAP + linear heads only).
+    """
     spec = METHODS[method]
-    raw = spec.fn(features_chw, weight_kc, class_id)
+    if spec.needs == "features":
+        raw = spec.fn(features_chw, weight_kc, class_id)
+    elif spec.needs == "head":
+        if weight_kc is None:
+            raise CamError(f"--method {method} needs a head of global average pooling + one linear layer, which "
+                           "this model does not have; use a gradient method (gradcam, ...)")
+        raw = spec.fn(features_chw, weight_kc, class_id)
+    else:
+        if grads_chw is None:
+            if weight_kc is None:
+                raise CamError(f"--method {method} needs the model's gradient output, which this model file "
+                               "lacks; export it again")
+            grads_chw = head_gradients(features_chw, weight_kc, class_id)
+        raw = spec.fn(features_chw, grads_chw)
     return np.maximum(raw, 0.0) if spec.relu else raw
 
 

@@ -115,3 +115,35 @@ def test_top_k_ties_are_ordered_by_id_whatever_k():
     assert top_k_ids(p, 1).tolist() == [1]
     assert top_k_ids(p, 3).tolist() == [1, 2, 4]
     assert top_k_ids(p, 9).tolist() == [1, 2, 4, 3, 0]
+
+
+def test_gradient_methods_on_per_position_gradients_follow_their_formulas():
+    """With gradients that vary over space (any head other than GAP + linear), written out by loops."""
+    rng = np.random.default_rng(6)
+    a = rng.random((5, 3, 4))
+    g = rng.standard_normal((5, 3, 4))
+    c_, h, w = a.shape
+    layer = np.zeros((h, w))
+    hires = np.zeros((h, w))
+    for i in range(h):
+        for j in range(w):
+            layer[i, j] = sum(max(g[k, i, j], 0) * a[k, i, j] for k in range(c_))
+            hires[i, j] = sum(g[k, i, j] * a[k, i, j] for k in range(c_))
+    xw = np.array([(g[k] * a[k]).sum() / (a[k].sum() + 1e-7) for k in range(c_)])
+    grad_w = np.array([g[k].mean() for k in range(c_)])
+    expected = {"layercam": layer, "hirescam": hires, "xgradcam": np.tensordot(xw, a, axes=1),
+                "gradcam": np.tensordot(grad_w, a, axes=1)}
+    for name, want in expected.items():
+        got = compute_map(name, a.astype(np.float32), None, 0, grads_chw=g.astype(np.float32))
+        np.testing.assert_allclose(got, np.maximum(want, 0), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_a_method_the_model_cannot_give_is_refused_in_one_line():
+    from realtime_cam.errors import CamError
+
+    a = np.ones((4, 2, 2), np.float32)
+    with pytest.raises(CamError, match="--method cam needs a head of global average pooling"):
+        compute_map("cam", a, None, 0, grads_chw=a)
+    with pytest.raises(CamError, match="--method layercam needs the model's gradient output"):
+        compute_map("layercam", a, None, 0)
+    assert compute_map("eigencam", a, None, 0).shape == (2, 2)

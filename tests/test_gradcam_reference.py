@@ -1,4 +1,5 @@
-"""gradcam and gradcam++ against pytorch-grad-cam on the same torchvision weights and class."""
+"""The gradient methods against pytorch-grad-cam on the same torchvision weights, class and target layer
+(ResNet18, layer4[-1]: the features the contract file outputs)."""
 
 import cv2
 import numpy as np
@@ -10,11 +11,12 @@ from realtime_cam.cams import compute_map, normalize_map
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus  # noqa: E402
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 
-@pytest.mark.parametrize("ours,theirs", [("gradcam", GradCAM), ("gradcam++", GradCAMPlusPlus)])
+@pytest.mark.parametrize("ours,theirs", [("gradcam", GradCAM), ("gradcam++", GradCAMPlusPlus), ("xgradcam", XGradCAM),
+                                         ("layercam", LayerCAM), ("hirescam", HiResCAM)])
 def test_matches_pytorch_grad_cam(ours, theirs, resnet18_onnx, resnet18_state_dict):
     import onnx
 
