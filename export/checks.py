@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -11,6 +10,7 @@ import onnx
 import onnxruntime as ort
 
 from realtime_cam.errors import ExportError
+from realtime_cam.partial import PartialFile
 
 T = TypeVar("T")
 
@@ -57,21 +57,19 @@ def check_contract_file(
 
 
 def replace_atomically(model: onnx.ModelProto, output: Path, verify: Callable[[Path], T]) -> T:
-    """Save to a temporary name beside ``output``, verify it, then give it its name; never leave half a file."""
+    """Save to a temporary name of this run's own beside ``output``, verify it, then give it its name; never
+    leave half a file, and never remove a file this run did not create."""
     output = Path(output)
     if not output.parent.is_dir():
         output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.partial")
+    partial = PartialFile(output)
     try:
         try:
-            onnx.save(model, str(tmp))
+            onnx.save(model, str(partial.tmp))
         except OSError as exc:  # a full disk, a folder that became read-only
             raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
-        result = verify(tmp)
-        try:
-            os.replace(tmp, output)
-        except OSError as exc:
-            raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
+        result = verify(partial.tmp)
+        partial.commit()
         return result
     finally:
-        tmp.unlink(missing_ok=True)
+        partial.discard()

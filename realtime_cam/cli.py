@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import re
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +29,7 @@ from .cliutil import (
 )
 from .errors import CamError
 from .evaluation.metrics import CROPS
-from .export.precision import CALIBRATIONS, DEFAULT_CALIBRATION
+from .export.options import CALIBRATIONS, DEFAULT_CALIBRATION
 from .images import WRITABLE_IMAGE_EXTENSIONS
 from .overlay import COLORMAPS
 from .paths import default_model_path
@@ -230,31 +228,11 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 
 
 # ----------------------------------------------------------------------------- commands
-def _torchvision_exporter():
-    """The torchvision exporter, or a one-line error when torch/torchvision are missing or broken."""
-    try:
-        from .export.from_torchvision import export_torchvision
-    except ImportError as exc:
-        raise CamError(f"exporting a torchvision model needs the export extra ({exc.name or exc} is missing): "
-                       "pip install 'realtime-cam[export]'") from None
-    except Exception as exc:  # e.g. a torchvision built for another torch: "operator torchvision::nms ..."
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise CamError(f"torch/torchvision do not import together ({first}); reinstall the export extra: "
-                       "pip install --force-reinstall 'realtime-cam[export]'") from None
-    return export_torchvision
-
-
 def _export_missing_default(path: Path) -> None:
     """``run`` without --model and no cached model: export it when the export extra is installed."""
-    try:
-        export_torchvision = _torchvision_exporter()
-    except CamError as exc:
-        raise CamError(
-            f"no model at {path}: install the export extra and export one "
-            f"(pip install 'realtime-cam[export]' && realtime-cam export), or pass --model FILE ({exc})"
-        ) from None
-    log.info("no model at %s yet: exporting torchvision resnet18 (once)", path)
-    export_torchvision("resnet18", "DEFAULT", path, log=log.info)
+    from .export.build import export_default_model
+
+    export_default_model(path, log=log.info)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -327,65 +305,15 @@ def _report_interrupted(sinks: Sequence) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    output = args.output if args.output is not None else default_model_path(args.arch)
-    if args.from_onnx is not None and args.output is None:
-        output = default_model_path(args.from_onnx.stem)
-    if output.suffix.lower() != ".onnx":
-        raise CamError(f"--output must name an .onnx file; got {output.name}")
-    if args.int8 and not args.calibrate:
-        raise CamError("--int8 needs --calibrate SOURCE: frames (videos, images, folders) to set activation ranges")
-    if (args.calibrate or args.check) and not (args.int8 or args.fp16):
-        raise CamError("--calibrate and --check go with --int8 (or --check with --fp16)")
-    # After the checks above, so that a usage mistake leaves no new folder behind.
-    _check_export_output(output, inputs=(args.from_onnx, args.weights, args.labels))
-    if not (args.int8 or args.fp16):
-        _export_fp32(args, output)
-        log.info("wrote %s", output)
-        return EXIT_OK
-    from .export.precision import convert_fp16, quantize_int8
+    from .export.build import export_model
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".realtime-cam-", dir=output.parent) as tmp:
-        # Named after what it was made from: the messages below name it.
-        fp32 = Path(tmp) / (args.from_onnx.name if args.from_onnx is not None
-                            else re.sub(r"[^\w.-]", "_", args.arch) + ".onnx")
-        _export_fp32(args, fp32)
-        if args.int8:  # each says what it wrote
-            quantize_int8(fp32, output, args.calibrate, max_frames=args.calibration_frames,
-                          method=args.calibration, check=args.check, log=log.info)
-        else:
-            convert_fp16(fp32, output, check=args.check, log=log.info)
+    export_model(
+        args.output, arch=args.arch, weights=args.weights, opset=args.opset, from_onnx=args.from_onnx,
+        labels=args.labels, input_size_hw=args.input_size, mean=args.mean, std=args.std, bgr=args.bgr,
+        int8=args.int8, fp16=args.fp16, calibrate=args.calibrate, calibration_frames=args.calibration_frames,
+        calibration=args.calibration, check=args.check, log=log.info,
+    )
     return EXIT_OK
-
-
-def _check_export_output(output: Path, inputs: Sequence[object]) -> None:
-    """Refuse, before any work, a model file that could not be written where it is asked for, or that is one
-    of the inputs. Unlike other outputs, its folder is made when missing (the default is in a cache)."""
-    from .sinks import check_output_path
-
-    if output.is_dir():
-        raise CamError(f"--output {output} is a folder; name the .onnx file to write")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CamError(f"cannot make the folder for {output}: {exc.strerror or exc}") from None
-    check_output_path(output, {".onnx"}, inputs=inputs)
-
-
-def _export_fp32(args: argparse.Namespace, output: Path) -> None:
-    """The float32 contract file, from an ONNX classifier or a torchvision backbone."""
-    if args.from_onnx is not None:
-        from .export.from_onnx import rewrite_onnx_classifier
-
-        rewrite_onnx_classifier(
-            args.from_onnx, output, labels_path=args.labels,
-            input_size_hw=tuple(args.input_size) if args.input_size else None,
-            mean=args.mean, std=args.std, bgr=args.bgr, log=log.info,
-        )
-    else:
-        export_torchvision = _torchvision_exporter()
-        export_torchvision(args.arch, args.weights, output, opset=args.opset, labels_path=args.labels,
-                           log=log.info)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

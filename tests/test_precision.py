@@ -1,4 +1,4 @@
-"""int8 and float16 copies of a contract file (realtime_cam.export.precision), and the fidelity measure.
+"""int8 and float16 copies of a contract file (realtime_cam.export.int8, .fp16, .frames), and the fidelity measure.
 
 The real model is the shared float MobileNetV2 (ImageNet weights), rewritten into the contract once per
 module. The int8 copy is calibrated on frames of the two shared videos and judged on the shared still
@@ -18,15 +18,12 @@ from onnx import TensorProto, numpy_helper
 from conftest import needs_shared, shared
 from realtime_cam.contract import FEATURES, LOGITS, PREFIX, read_contract
 from realtime_cam.errors import CamError, ExportError
+from realtime_cam.export.fp16 import convert_fp16
+from realtime_cam.export.frames import sample_frames
 from realtime_cam.export.from_onnx import rewrite_onnx_classifier
-from realtime_cam.export.precision import (
-    CALIBRATIONS,
-    DEFAULT_CALIBRATION,
-    convert_fp16,
-    fidelity,
-    quantize_int8,
-    sample_frames,
-)
+from realtime_cam.export.int8 import quantize_int8
+from realtime_cam.export.options import CALIBRATIONS, DEFAULT_CALIBRATION
+from realtime_cam.fidelity import fidelity
 from realtime_cam.model import CamModel
 
 QDQ = {"QuantizeLinear", "DequantizeLinear"}
