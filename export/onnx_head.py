@@ -91,6 +91,9 @@ def find_head(index: GraphIndex, path: DataPath, shapes: Shapes, src: Path) -> H
             where = f"no op computes its output '{path[0][0]}'"
         return ExportError(f"cannot rewrite {src.name}: {reason}: {where}; a class activation map needs {_NEEDS}")
 
+    too_small = _pooled_map_too_small(chain, shapes)
+    if too_small:  # the head is there, but the input leaves nothing to localise: say so, not what is "missing"
+        raise ExportError(f"cannot rewrite {src.name}: {too_small}")
     if spatial is None or not chain:
         raise refuse("no global average pooling over a feature map")
     pool = chain[0]
@@ -163,6 +166,19 @@ def find_head(index: GraphIndex, path: DataPath, shapes: Shapes, src: Path) -> H
 def _has_const_weight(node: onnx.NodeProto, index: GraphIndex) -> bool:
     weight = 3 if op_of(node).startswith("Q") else 1
     return len(node.input) > weight and index.is_const(node.input[weight])
+
+
+def _pooled_map_too_small(chain: list[onnx.NodeProto], shapes: Shapes) -> str | None:
+    """When a global pooling in the head reduces a map of a single position (the input is too small for the
+    network's downsampling), why; else None."""
+    for node in chain:
+        if op_of(node) not in _POOLS:
+            continue
+        shape = shapes.get(node.input[0], ((), 0))[0]
+        if len(shape) == 4 and shape[2] * shape[3] <= 1:
+            return (f"at this input size the feature map before {op_of(node)} ('{node.input[0]}') is "
+                    f"{shape[2]}x{shape[3]}: a single position, nothing to localise; use a larger --input-size")
+    return None
 
 
 def _pool_problem(pool: onnx.NodeProto, index: GraphIndex, shapes: Shapes) -> str | None:

@@ -470,3 +470,28 @@ def test_unreadable_model_is_an_export_error(tmp_path):
         rewrite(tmp_path / "junk.onnx", tmp_path / "cam.onnx")
     with pytest.raises(ExportError, match="no ONNX model"):
         rewrite(tmp_path / "missing.onnx", tmp_path / "cam.onnx")
+
+
+def test_an_input_too_small_for_the_network_names_the_real_cause(tmp_path):
+    """A model with free spatial input sizes, asked for 8x8: the map before the pooling is 1x1. The message used
+    to say 'no global average pooling' while the graph went on to show one."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((5, 8)).astype(np.float32), "fc_w"),
+             numpy_helper.from_array(np.zeros(5, np.float32), "fc_b")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], strides=[8, 8], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("GlobalAveragePool", ["r1"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+    src = tmp_path / "free.onnx"
+    onnx.save(model, str(src))
+    with pytest.raises(ExportError) as caught:
+        rewrite_onnx_classifier(src, tmp_path / "out.onnx", input_size_hw=(8, 8), log=lambda _: None)
+    message = str(caught.value)
+    assert "feature map before GlobalAveragePool" in message and "is 1x1" in message, message
+    assert "--input-size" in message and "no global average pooling" not in message
+    rewrite_onnx_classifier(src, tmp_path / "ok.onnx", input_size_hw=(64, 64), log=lambda _: None)  # 8x8 map: fine
