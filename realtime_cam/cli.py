@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__, sources
-from .cams import METHODS
+from . import __version__
 from .cliutil import (
     ArgumentParser,
     HelpFormatter,
@@ -28,16 +27,7 @@ from .cliutil import (
     smooth_weight,
 )
 from .errors import CamError
-from .evaluation.metrics import CROPS
-from .export.options import CALIBRATIONS, DEFAULT_CALIBRATION
-from .images import WRITABLE_IMAGE_EXTENSIONS
-from .overlay import COLORMAPS
 from .paths import default_model_path
-from .pipeline import DEFAULT_BATCH
-from .providers import DEVICES
-from .sinks import VIDEO_CODECS
-from .temporal import SCALES
-from .view import KEY_HELP
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -52,6 +42,26 @@ class Terminated(KeyboardInterrupt):
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    # The registries the choices come from, imported here: the module itself stays light to import, so that
+    # a Ctrl-C in the first moments of a command is already handled by main().
+    from .cams import METHODS
+    from .export.options import (
+        CALIBRATIONS,
+        DEFAULT_ARCH,
+        DEFAULT_CALIBRATION,
+        DEFAULT_CALIBRATION_FRAMES,
+        DEFAULT_OPSET,
+        DEFAULT_WEIGHTS,
+        OPSETS,
+    )
+    from .images import WRITABLE_IMAGE_EXTENSIONS
+    from .overlay import COLORMAPS
+    from .pipeline import DEFAULT_BATCH
+    from .providers import DEVICES
+    from .sinks import VIDEO_CODECS
+    from .temporal import SCALES
+    from .view import KEY_HELP
+
     fmt = HelpFormatter
     parser = ArgumentParser(  # its subcommands' parsers are of the same class
         prog="realtime-cam",
@@ -137,14 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write one self-contained .onnx file with outputs 'logits' and 'features' and the metadata "
                     "the runtime needs. A torchvision export needs the export extra (torch, torchvision).",
     )
-    export.add_argument("--arch", default="resnet18", help="torchvision builder name (resnet18, densenet121, ...)")
-    export.add_argument("--weights", default="DEFAULT",
+    export.add_argument("--arch", default=DEFAULT_ARCH, help="torchvision builder name (resnet18, densenet121, ...)")
+    export.add_argument("--weights", default=DEFAULT_WEIGHTS,
                         help="DEFAULT or a torchvision weights name (downloaded to $TORCH_HOME, hash-checked), "
                              "a state-dict file (loaded with weights_only=True), or 'none' (random: tests only)")
     export.add_argument("--output", type=Path, default=None,
                         help="where to write (default: the cache file `run` looks for, "
                              f"{default_model_path()}; for --from-onnx, the classifier's name there)")
-    export.add_argument("--opset", type=int, choices=range(13, 22), default=18, metavar="N",
+    export.add_argument("--opset", type=int, choices=OPSETS, default=DEFAULT_OPSET, metavar="N",
                         help="ONNX opset for the torchvision export (13..21)")
     export.add_argument("--labels", default=None, help="class names, one per line (default: ImageNet-1k "
                                                        "for 1000 classes, else numbered)")
@@ -167,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--calibrate", action="append", default=None, metavar="SOURCE",
                         help="--int8: video files, image files or folders whose frames calibrate the activation "
                              "ranges (repeatable); use frames like the ones you will run on")
-    export.add_argument("--calibration-frames", type=positive_int, default=200, help="--int8: at most this many")
+    export.add_argument("--calibration-frames", type=positive_int, default=DEFAULT_CALIBRATION_FRAMES,
+                        help="--int8: at most this many")
     export.add_argument("--calibration", choices=sorted(CALIBRATIONS), default=DEFAULT_CALIBRATION,
                         help="--int8: how activation ranges are chosen")
     export.add_argument("--check", action="append", default=None, metavar="SOURCE",
@@ -180,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``evaluate`` subcommand's parser."""
+    from .cams import METHODS
+    from .evaluation.metrics import CROPS
+    from .providers import DEVICES
+
     parser = subparsers.add_parser(
         "evaluate", formatter_class=HelpFormatter,
         help="classification and localization accuracy of the maps on images with ground-truth boxes",
@@ -237,6 +252,7 @@ def _export_missing_default(path: Path) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .model import CamModel
+    from .overlay import COLORMAPS
     from .pipeline import RunOptions, hold_window, run_loop
     from .progress import Progress
     from .sinks import FILE_SINKS, WindowSink, check_output_path, open_file_sink
@@ -398,34 +414,44 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``realtime-cam`` and ``python -m realtime_cam``; returns the exit code."""
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv:  # a first try with no command: what the commands are
-        parser.print_help()
-        return EXIT_ERROR
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # said by the command's parser, whose help lists the options that do exist
-        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    _configure_logging()
+    """Entry point of ``realtime-cam`` and ``python -m realtime_cam``; returns the exit code.
+
+    SIGTERM is handled like Ctrl-C from the first line on, and both end in one line (never a traceback),
+    also while the parser's registries and the command's modules are being imported.
+    """
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    sources.QUIET_OPENCV_ON_OPEN = not args.debug
+    debug = False
     try:
+        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
+        debug = "--debug" in argv
+        if not argv:  # a first try with no command: what the commands are
+            parser.print_help()
+            return EXIT_ERROR
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the command's parser, whose help lists the options that do exist
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        debug = args.debug
+        _configure_logging()
+        from . import sources
+
+        sources.QUIET_OPENCV_ON_OPEN = not args.debug
         return COMMANDS[args.command](args)
     except CamError as exc:
-        if args.debug:
+        if debug:
             raise
         print(f"realtime-cam: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt as exc:
-        if args.debug:
+        if debug:
             raise
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
         print(f"\nrealtime-cam: {what}", file=sys.stderr)
         return EXIT_INTERRUPTED if not isinstance(exc, Terminated) else 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
-        sources.QUIET_OPENCV_ON_OPEN = True
+        if "sources" in locals():
+            sources.QUIET_OPENCV_ON_OPEN = True
 
 
 if __name__ == "__main__":  # pragma: no cover
