@@ -1,4 +1,5 @@
-"""Shared fixtures: real media and models from ../shared/data, and a ResNet18 exported once per session."""
+"""Shared fixtures: real media and models from ../shared/data, a ResNet18 exported once per session, and a
+tiny contract model that needs neither."""
 
 from __future__ import annotations
 
@@ -60,3 +61,15 @@ def mnv2_int8_onnx(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "mnv2-int8.onnx"
     assert main(["export", "--from-onnx", str(src), "--output", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory) -> Path:
+    """A small seeded conv net in the contract, built with onnx.helper: needs neither torch nor ../shared."""
+    import onnx
+
+    from synthetic import tiny_contract_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny.onnx"
+    onnx.save(tiny_contract_model(), str(path))
+    return path
