@@ -1,4 +1,5 @@
-"""Shared fixtures: real media and models from ../shared/data, and a ResNet18 exported once per session."""
+"""Shared fixtures: real media and models from ../shared/data, a ResNet18 exported once per session, and a
+tiny contract model that needs neither."""
 
 from __future__ import annotations
 
@@ -63,9 +64,12 @@ def mnv2_int8_onnx(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def contract_onnx(request) -> Path:
-    """A contract file for tests that need any model: the real MobileNetV2 when ../shared is there, else the
-    seeded ResNet18 export."""
-    if HAVE_SHARED:
-        return request.getfixturevalue("mnv2_int8_onnx")
-    return request.getfixturevalue("resnet18_onnx")
+def tiny_onnx(tmp_path_factory) -> Path:
+    """A small seeded conv net in the contract, built with onnx.helper: needs neither torch nor ../shared."""
+    import onnx
+
+    from synthetic import tiny_contract_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny.onnx"
+    onnx.save(tiny_contract_model(), str(path))
+    return path

@@ -68,45 +68,41 @@ def test_bench_writes_a_complete_report_and_a_chart(mnv2_int8_onnx, tmp_path, ca
     assert "infer FPS" in table and "infer@batch" in table and "seed (torch eager)" in table
 
 
-@needs_shared
-def test_bench_without_the_seed_baseline_never_imports_torch(mnv2_int8_onnx, tmp_path):
+def test_bench_without_the_seed_baseline_never_imports_torch(tiny_onnx, tmp_path):
     code = ("import sys; from realtime_cam.cli import main; "
-            f"assert main(['bench', '--model', {str(mnv2_int8_onnx)!r}, '--device', 'cpu', '--frames', '10', "
+            f"assert main(['bench', '--model', {str(tiny_onnx)!r}, '--device', 'cpu', '--frames', '10', "
             "'--warmup', '2', '--no-seed']) == 0; "
             "assert 'torch' not in sys.modules, 'bench imported torch'; print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
 
 
-@needs_shared
-def test_too_few_frames_for_the_batch_is_one_line(mnv2_int8_onnx, capsys):
-    assert main(["bench", "--model", str(mnv2_int8_onnx), "--device", "cpu", "--frames", "2", "--warmup", "1",
+def test_too_few_frames_for_the_batch_is_one_line(tiny_onnx, capsys):
+    assert main(["bench", "--model", str(tiny_onnx), "--device", "cpu", "--frames", "2", "--warmup", "1",
                  "--no-seed"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("realtime-cam: error: --frames 2 is too few") and "--frames 11 or more" in err
 
 
-@needs_shared
-def test_bench_frame_by_frame_has_no_batched_figures(mnv2_int8_onnx, tmp_path, capsys):
+def test_bench_frame_by_frame_has_no_batched_figures(tiny_onnx, tmp_path, capsys):
     out_json = tmp_path / "b.json"
-    assert main(["bench", "--model", str(mnv2_int8_onnx), "--device", "cpu", "--frames", "6", "--warmup", "2",
+    assert main(["bench", "--model", str(tiny_onnx), "--device", "cpu", "--frames", "6", "--warmup", "2",
                  "--batch", "1", "--no-seed", "--json", str(out_json)]) == 0
     row = json.loads(out_json.read_text())["results"][0]
     assert row["batch"] == 1 and "inference_batched" not in row
     assert set(row["ratios"]) == {"file_to_file_vs_inference", "inference_vs_resident"}
     assert row["inference_resident"]["batch"] == 1
-    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith(mnv2_int8_onnx.name))
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith(tiny_onnx.name))
     assert line.split()[2:5] == ["1", row["inference"]["fps"].__format__(".1f"), "-"]
 
 
-@needs_shared
-def test_io_binding_that_fails_is_reported_and_the_rest_still_runs(mnv2_int8_onnx, tmp_path, capsys, monkeypatch):
+def test_io_binding_that_fails_is_reported_and_the_rest_still_runs(tiny_onnx, tmp_path, capsys, monkeypatch):
     def refuse(model, batches):
         raise RuntimeError("no binding on this provider\nsecond line")
 
     monkeypatch.setattr(bench, "resident_runner", refuse)
     out_json = tmp_path / "b.json"
-    assert main(["bench", "--model", str(mnv2_int8_onnx), "--device", "cpu", "--frames", "6", "--warmup", "2",
+    assert main(["bench", "--model", str(tiny_onnx), "--device", "cpu", "--frames", "6", "--warmup", "2",
                  "--batch", "1", "--no-seed", "--json", str(out_json)]) == 0
     row = json.loads(out_json.read_text())["results"][0]
     assert row["inference_resident"] == {"error": "no binding on this provider"}

@@ -1,4 +1,4 @@
-"""`realtime-cam run` end to end on real media, through main() and the installed console script."""
+"""`realtime-cam run` end to end on real and synthetic media, through main() and the installed console script."""
 
 import os
 import shutil
@@ -12,6 +12,7 @@ import pytest
 
 from conftest import needs_shared, shared
 from mjpeg_server import MjpegServer
+from synthetic import write_photo
 from realtime_cam.cli import build_parser, main
 from realtime_cam.cams import METHODS
 
@@ -37,10 +38,10 @@ def mean_saturation(frame_bgr):
 
 
 @needs_shared
-def test_run_writes_every_decoded_frame_at_the_sources_size_and_rate(resnet18_onnx, tmp_path, capsys):
+def test_run_writes_every_decoded_frame_at_the_sources_size_and_rate(tiny_onnx, tmp_path, capsys):
     src = shared("videos", "vtest.avi")
     out = tmp_path / "o.mp4"
-    assert main(["run", "--model", str(resnet18_onnx), "--source", str(src), "--output", str(out),
+    assert main(["run", "--model", str(tiny_onnx), "--source", str(src), "--output", str(out),
                  "--no-display"]) == 0
     frames, size, fps = decoded_frames(out)
     inputs, in_size, in_fps = decoded_frames(src)
@@ -54,10 +55,10 @@ def test_run_writes_every_decoded_frame_at_the_sources_size_and_rate(resnet18_on
     assert not list(tmp_path.glob(".*partial*"))
 
 
-@needs_shared
-def test_image_source_to_image_output(resnet18_onnx, tmp_path, capsys):
+def test_image_source_to_image_output(tiny_onnx, tmp_path, capsys):
     out = tmp_path / "cat.png"
-    assert main(["run", "--model", str(resnet18_onnx), "--source", str(shared("images", "skimage_chelsea.png")),
+    photo = write_photo(tmp_path / "chelsea-sized.png", (451, 300))  # the size of skimage's chelsea.png
+    assert main(["run", "--model", str(tiny_onnx), "--source", str(photo),
                  "--output", str(out), "--no-display", "--alpha", "0.6"]) == 0
     image = cv2.imread(str(out))
     assert image.shape == (300, 451, 3)
@@ -82,10 +83,10 @@ def test_export_output_that_is_a_folder_or_not_writable_is_one_line(tmp_path, mo
 
 
 @needs_shared
-def test_live_mjpeg_url_with_max_frames(resnet18_onnx, tmp_path):
+def test_live_mjpeg_url_with_max_frames(tiny_onnx, tmp_path):
     out = tmp_path / "live.avi"
     with MjpegServer(shared("videos", "vtest.avi"), fps=30) as server:
-        assert main(["run", "--model", str(resnet18_onnx), "--source", server.url, "--output", str(out),
+        assert main(["run", "--model", str(tiny_onnx), "--source", server.url, "--output", str(out),
                      "--no-display", "--max-frames", "15"]) == 0
     frames, size, _ = decoded_frames(out)
     assert len(frames) >= 15 and size == (320, 180)   # live: written in real time (gaps repeat a frame)
@@ -100,9 +101,9 @@ def test_live_mjpeg_url_with_max_frames(resnet18_onnx, tmp_path):
     (["run", "--class=--5"], "no class named '--5'"),            # not a number to int(), and no label
     (["run", "--class", "\u00b2"], "no class named '\u00b2'"),  # str.isdigit() is True for a superscript
 ])
-def test_user_mistakes_get_one_line_and_exit_code_2(argv, match, capsys, resnet18_onnx):
+def test_user_mistakes_get_one_line_and_exit_code_2(argv, match, capsys, tiny_onnx):
     if "--model" not in argv:
-        argv = [*argv, "--model", str(resnet18_onnx)]
+        argv = [*argv, "--model", str(tiny_onnx)]
     assert main([*argv, "--no-display"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("realtime-cam: error: ") and match in err[-1]
@@ -137,13 +138,13 @@ def test_no_command_shows_the_commands(capsys):
     assert "run" in out and "export" in out and "bench" in out and "evaluate" in out
 
 
-def test_output_folder_that_does_not_exist_is_refused_before_work(resnet18_onnx, capsys):
-    assert main(["run", "--model", str(resnet18_onnx), "--output", "/no/such/dir/o.mp4", "--no-display"]) == 2
+def test_output_folder_that_does_not_exist_is_refused_before_work(tiny_onnx, capsys):
+    assert main(["run", "--model", str(tiny_onnx), "--output", "/no/such/dir/o.mp4", "--no-display"]) == 2
     assert "output folder does not exist" in capsys.readouterr().err
 
 
-def test_output_extension_opencv_cannot_write(resnet18_onnx, tmp_path, capsys):
-    assert main(["run", "--model", str(resnet18_onnx), "--output", str(tmp_path / "o.xyz"), "--no-display"]) == 2
+def test_output_extension_opencv_cannot_write(tiny_onnx, tmp_path, capsys):
+    assert main(["run", "--model", str(tiny_onnx), "--output", str(tmp_path / "o.xyz"), "--no-display"]) == 2
     assert "use one of" in capsys.readouterr().err
 
 
@@ -176,18 +177,18 @@ def test_run_without_model_and_without_the_export_extra_says_what_to_run(tmp_pat
     assert "pip install 'realtime-cam[export]'" in err and "realtime-cam export" in err and "--model" in err
 
 
-@needs_shared
-def test_console_script_and_the_runtime_never_imports_torch(resnet18_onnx, tmp_path):
+def test_console_script_and_the_runtime_never_imports_torch(tiny_onnx, tmp_path):
     assert SCRIPT, "the realtime-cam console script is not installed"
+    photo = write_photo(tmp_path / "photo.jpg")
     out = tmp_path / "o.png"
-    res = subprocess.run([SCRIPT, "run", "--model", str(resnet18_onnx), "--source",
-                          str(shared("images", "darknet_eagle.jpg")), "--output", str(out), "--no-display"],
+    res = subprocess.run([SCRIPT, "run", "--model", str(tiny_onnx), "--source",
+                          str(photo), "--output", str(out), "--no-display"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert out.exists()
     code = ("import sys; from realtime_cam.cli import main; "
-            f"rc = main(['run', '--model', {str(resnet18_onnx)!r}, '--source', "
-            f"{str(shared('images', 'darknet_eagle.jpg'))!r}, '--no-display']); "
+            f"rc = main(['run', '--model', {str(tiny_onnx)!r}, '--source', "
+            f"{str(photo)!r}, '--no-display']); "
             "assert rc == 0; assert 'torch' not in sys.modules, 'runtime imported torch'; print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
@@ -215,10 +216,10 @@ def test_interrupted_run_leaves_a_finalised_playable_video(resnet18_onnx, tmp_pa
     assert not list(tmp_path.glob(".*partial*"))
 
 
-def test_a_missing_webcam_is_our_one_line_not_opencvs_dozen(resnet18_onnx, capfd, monkeypatch):
+def test_a_missing_webcam_is_our_one_line_not_opencvs_dozen(tiny_onnx, capfd, monkeypatch):
     monkeypatch.delenv("OPENCV_LOG_LEVEL", raising=False)
     before = cv2.utils.logging.getLogLevel()
-    assert main(["run", "--model", str(resnet18_onnx), "--source", "7", "--no-display", "--reconnect", "0"]) == 2
+    assert main(["run", "--model", str(tiny_onnx), "--source", "7", "--no-display", "--reconnect", "0"]) == 2
     err = capfd.readouterr().err.strip().splitlines()  # capfd: OpenCV writes to the file descriptor itself
     assert err[-1] == "realtime-cam: error: cannot open webcam 7 (no such camera, or it is busy)"
     assert not any("WARN" in line or "ERROR:" in line or "OpenCV" in line for line in err), err

@@ -18,11 +18,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import SHARED
 from realtime_cam.contract import FEATURES, LOGITS, load_labels, read_contract
 from realtime_cam.errors import ExportError
 from realtime_cam.export.from_onnx import RewriteReport, rewrite_onnx_classifier
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 INT8 = SHARED / "models" / "mobilenetv2-12-int8.onnx"
 FLOAT_TWIN = SHARED / "models" / "mobilenetv2-12-float-from-int8.onnx"
 needs_shared = pytest.mark.skipif(not INT8.is_file() or not FLOAT_TWIN.is_file(),

@@ -11,6 +11,7 @@ from realtime_cam import CamModel
 from realtime_cam.cams import METHODS, cam
 from realtime_cam.pipeline import RunOptions, explain_frame, run_loop
 from live_helpers import ScriptedWindow
+from synthetic import moving_frames
 from realtime_cam.sources import open_source
 from realtime_cam.temporal import TemporalOptions, TemporalState, hold_leader, smooth_map, smooth_probabilities
 from realtime_cam.view import QUIT, RECORD, SNAPSHOT, ViewState, handle_key
@@ -109,6 +110,12 @@ def mnv2(mnv2_int8_onnx):
     return CamModel(mnv2_int8_onnx, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_onnx):
+    """The tiny onnx.helper contract model: the loop's keys do not depend on what the model sees."""
+    return CamModel(tiny_onnx, device="cpu")
+
+
 def first_bottle_frames(n):
     """The first n frames of the bottle video."""
     frames = []
@@ -121,15 +128,15 @@ def first_bottle_frames(n):
 
 
 @pytest.fixture(scope="module")
-def bottle_frames():
-    return first_bottle_frames(12)
+def frames():
+    """12 frames of a disc moving over a synthetic photo."""
+    return moving_frames(12)
 
 
-@needs_shared
-def test_keys_through_the_loop(mnv2, bottle_frames, tmp_path):
+def test_keys_through_the_loop(tiny, frames, tmp_path):
     window = ScriptedWindow({1: key("n"), 3: key("c"), 5: key("m"), 6: key("s"), 7: key("r"), 9: key("r"),
                              10: key("q")})
-    result = run_loop(mnv2, iter(bottle_frames), window=window,
+    result = run_loop(tiny, iter(frames), window=window,
                       options=RunOptions(view=ViewState(topk=3), snapshot_dir=tmp_path))
     assert result.stopped_by == "quit" and result.frames == 11
     # After 'n' the second of the top-k is explained; 'c' pinned it; 'm' switched to the next method.
@@ -145,34 +152,31 @@ def test_keys_through_the_loop(mnv2, bottle_frames, tmp_path):
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 2    # frames 8 and 9 were recorded
 
 
-@needs_shared
-def test_pause_holds_the_frame_and_serves_keys(mnv2, bottle_frames, tmp_path):
+def test_pause_holds_the_frame_and_serves_keys(tiny, frames, tmp_path):
     # space pauses at frame 2 (the held frame is redrawn, marked 'paused'); while paused 'b' redraws it with
     # the box; space resumes; q at the next frame.
     window = ScriptedWindow({2: 32, 5: key("q")}, wait_keys=[key("b"), 32])
-    result = run_loop(mnv2, iter(bottle_frames), window=window, options=RunOptions(snapshot_dir=tmp_path))
+    result = run_loop(tiny, iter(frames), window=window, options=RunOptions(snapshot_dir=tmp_path))
     assert result.stopped_by == "quit" and result.frames == 4
     assert len(window.shown) == 6                         # 4 frames + 2 redraws of the held frame
     assert not np.array_equal(window.shown[3], window.shown[4])  # the second redraw has the box
 
 
-@needs_shared
-def test_window_closed_ends_the_run_like_q(mnv2, bottle_frames, tmp_path):
+def test_window_closed_ends_the_run_like_q(tiny, frames, tmp_path):
     window = ScriptedWindow({})
     window.closed_after = 3
-    result = run_loop(mnv2, iter(bottle_frames), window=window, options=RunOptions(snapshot_dir=tmp_path))
+    result = run_loop(tiny, iter(frames), window=window, options=RunOptions(snapshot_dir=tmp_path))
     assert result.stopped_by == "window-closed" and result.frames == 4
 
 
-@needs_shared
-def test_pinned_class_is_explained_on_every_frame(mnv2, bottle_frames):
-    view = ViewState(pinned_class=285)  # Egyptian cat, on a bottle video
+def test_pinned_class_is_explained_on_every_frame(tiny, frames):
+    view = ViewState(pinned_class=285)  # Egyptian cat, on frames with no cat in them
     f = TemporalState()
-    for frame in bottle_frames[:3]:
-        logits, feats = mnv2.infer(frame.image_bgr)
-        p, f = explain_frame(mnv2, logits, feats, view, f)
+    for frame in frames[:3]:
+        logits, feats = tiny.infer(frame.image_bgr)
+        p, f = explain_frame(tiny, logits, feats, view, f)
         assert p.class_id == 285 and p.pinned and p.label == "Egyptian cat"
-        raw = cam(feats, mnv2.head_weight, 285)
+        raw = cam(feats, tiny.head_weight, 285)
         np.testing.assert_allclose(p.cam, (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-5)
 
 

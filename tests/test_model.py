@@ -1,19 +1,22 @@
 """CamModel: the public API a user scripts against."""
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
 from conftest import needs_shared, shared
+from synthetic import plain_classifier
 from realtime_cam import CamModel, CamError
 from realtime_cam.bench import resident_runner
 from realtime_cam.cams import cam, normalize_map
 from realtime_cam.errors import DeviceError, ModelError
 
 
-@pytest.fixture(scope="module")
-def model(resnet18_onnx):
-    return CamModel(resnet18_onnx, device="cpu")
+@pytest.fixture(scope="module", params=["tiny", "resnet18"])
+def model(request):
+    """The tiny onnx.helper model (runtime only), and a torchvision ResNet18 export (skipped without torch)."""
+    return CamModel(request.getfixturevalue(f"{request.param}_onnx"), device="cpu")
 
 
 def test_predict_returns_a_frozen_result_for_any_frame_size(model):
@@ -73,10 +76,10 @@ def test_class_names_resolve(model):
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this machine has CUDA")
-def test_explicit_cuda_without_a_cuda_provider_is_an_error(resnet18_onnx):
+def test_explicit_cuda_without_a_cuda_provider_is_an_error(tiny_onnx):
     with pytest.raises(DeviceError, match="onnxruntime-gpu"):
-        CamModel(resnet18_onnx, device="cuda")
-    assert CamModel(resnet18_onnx, device="auto").provider == "CPUExecutionProvider"
+        CamModel(tiny_onnx, device="cuda")
+    assert CamModel(tiny_onnx, device="auto").provider == "CPUExecutionProvider"
 
 
 def test_missing_and_non_onnx_model_files(tmp_path):
@@ -88,10 +91,15 @@ def test_missing_and_non_onnx_model_files(tmp_path):
         CamModel(junk)
 
 
-@needs_shared
-def test_a_plain_classifier_is_refused_with_the_command_to_fix_it():
+@pytest.mark.parametrize("classifier", ["tiny", "mobilenetv2-12-float-from-int8.onnx"])
+def test_a_plain_classifier_is_refused_with_the_command_to_fix_it(classifier, tmp_path):
+    if classifier == "tiny":
+        path = tmp_path / "plain.onnx"
+        onnx.save(plain_classifier(), str(path))
+    else:
+        path = shared("models", classifier)
     with pytest.raises(ModelError, match="export --from-onnx"):
-        CamModel(shared("models", "mobilenetv2-12-float-from-int8.onnx"))
+        CamModel(path)
 
 
 @needs_shared

@@ -26,9 +26,9 @@ print(np.array_equal(before, model.infer(frame)[0]))
 """
 
 
-def test_a_model_whose_external_data_is_overwritten_during_a_run_keeps_running(contract_onnx, tmp_path):
+def test_a_model_whose_external_data_is_overwritten_during_a_run_keeps_running(tiny_onnx, tmp_path):
     """ONNX Runtime maps external data given a path: overwriting it killed the process with SIGBUS (135)."""
-    done = subprocess.run([sys.executable, "-c", EXTERNAL, str(contract_onnx), str(tmp_path)],
+    done = subprocess.run([sys.executable, "-c", EXTERNAL, str(tiny_onnx), str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "True"
@@ -44,11 +44,11 @@ def test_a_fifo_as_model_is_refused_at_once(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX named pipes")
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_fifo_as_source_that_nobody_writes_to_can_be_interrupted(contract_onnx, tmp_path, signum, code):
+def test_a_fifo_as_source_that_nobody_writes_to_can_be_interrupted(tiny_onnx, tmp_path, signum, code):
     """Opening a named pipe blocks until a writer comes; Ctrl-C and SIGTERM must still end the run."""
     fifo = tmp_path / "clip.mp4"
     os.mkfifo(fifo)
-    proc = subprocess.Popen([sys.executable, "-m", "realtime_cam", "run", "--model", str(contract_onnx),
+    proc = subprocess.Popen([sys.executable, "-m", "realtime_cam", "run", "--model", str(tiny_onnx),
                              "--source", str(fifo), "--no-display"], stderr=subprocess.PIPE, text=True)
     try:
         line = ""

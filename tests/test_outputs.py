@@ -148,7 +148,7 @@ def test_an_encoder_error_keeps_the_file_under_its_temporary_name(tmp_path):
     assert "No space left on device" in str(caught.value) and not out.exists()
 
 
-def test_a_signal_while_the_last_frames_are_drawn_and_written_loses_none(contract_onnx):
+def test_a_signal_while_the_last_frames_are_drawn_and_written_loses_none(tiny_onnx):
     """Ctrl-C after the last frame is inferred, while the render thread still draws and writes: every frame
     explained must reach the sinks before the interrupt is raised (it used to close the sinks under the
     render thread, losing frames while saying they were saved)."""
@@ -173,7 +173,7 @@ def test_a_signal_while_the_last_frames_are_drawn_and_written_loses_none(contrac
         # The source has ended: the loop infers what is left and waits for the render thread.
         threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
 
-    model = CamModel(contract_onnx, device="cpu")
+    model = CamModel(tiny_onnx, device="cpu")
     with pytest.raises(KeyboardInterrupt):
         run_loop(model, frames(), sinks=[SlowSink()], options=RunOptions(batch=4))
         time.sleep(2)  # not reached when the signal comes during the run, as it should

@@ -29,18 +29,33 @@ def mnv2(mnv2_int8_onnx):
     return CamModel(mnv2_int8_onnx, device="cpu")
 
 
-@pytest.fixture
-def calls(mnv2, monkeypatch):
-    """The batch sizes the model's forward is called with."""
+@pytest.fixture(scope="module")
+def tiny(tiny_onnx):
+    """The tiny onnx.helper contract model: for tests where any model will do (no torch, no ../shared)."""
+    return CamModel(tiny_onnx, device="cpu")
+
+
+def count_forward_calls(model, monkeypatch):
+    """The batch sizes the model's forward is called with (a list that grows as the test runs)."""
     sizes = []
-    real = mnv2.forward
+    real = model.forward
 
     def counting(inputs):
         sizes.append(len(inputs))
         return real(inputs)
 
-    monkeypatch.setattr(mnv2, "forward", counting)
+    monkeypatch.setattr(model, "forward", counting)
     return sizes
+
+
+@pytest.fixture
+def calls(mnv2, monkeypatch):
+    return count_forward_calls(mnv2, monkeypatch)
+
+
+@pytest.fixture
+def tiny_calls(tiny, monkeypatch):
+    return count_forward_calls(tiny, monkeypatch)
 
 
 def run_file(model, batch, max_frames=None):
@@ -92,30 +107,26 @@ def test_whole_file_with_a_short_last_batch(mnv2, calls):
     assert calls == [8] * (total // 8 + 1)     # the last frames are padded: one input shape per run
 
 
-@needs_shared
-def test_frames_from_memory_are_batched_in_order(mnv2, calls):
+def test_frames_from_memory_are_batched_in_order(tiny, tiny_calls):
     sink = Collect()
     no_heatmap = RunOptions(batch=3, view=ViewState(alpha=0.0))   # the overlay is the frame (plus labels)
-    result = run_loop(mnv2, numbered_frames(7), sinks=[sink], options=no_heatmap)
-    assert calls == [3, 3, 3]                      # 7 frames: the last batch is padded
+    result = run_loop(tiny, numbered_frames(7), sinks=[sink], options=no_heatmap)
+    assert tiny_calls == [3, 3, 3]                 # 7 frames: the last batch is padded
     assert result.frames == len(sink.images) == 7
     assert [int(img[200:, 280:].mean()) for img in sink.images] == [10 * i for i in range(7)]
 
 
-@needs_shared
-def test_a_live_source_is_never_batched(mnv2, calls):
-    result = run_loop(mnv2, numbered_frames(6, live=True), sinks=[Collect()], options=RunOptions(batch=4))
-    assert calls == [1] * 6 and result.frames == 6
+def test_a_live_source_is_never_batched(tiny, tiny_calls):
+    result = run_loop(tiny, numbered_frames(6, live=True), sinks=[Collect()], options=RunOptions(batch=4))
+    assert tiny_calls == [1] * 6 and result.frames == 6
 
 
-@needs_shared
-def test_max_frames_below_the_batch_still_reports_a_rate(mnv2, calls):
-    result = run_loop(mnv2, numbered_frames(10), sinks=[Collect()], options=RunOptions(batch=4, max_frames=3))
-    assert result.frames == 3 and result.fps > 0 and calls == [1, 1, 1]
+def test_max_frames_below_the_batch_still_reports_a_rate(tiny, tiny_calls):
+    result = run_loop(tiny, numbered_frames(10), sinks=[Collect()], options=RunOptions(batch=4, max_frames=3))
+    assert result.frames == 3 and result.fps > 0 and tiny_calls == [1, 1, 1]
 
 
-@needs_shared
-def test_frames_read_before_a_source_error_are_still_written(mnv2):
+def test_frames_read_before_a_source_error_are_still_written(tiny):
     def breaking():
         for i in range(6):
             yield Frame(i, np.full((48, 64, 3), 10 * i, np.uint8), 0.0)
@@ -123,7 +134,7 @@ def test_frames_read_before_a_source_error_are_still_written(mnv2):
 
     sink = Collect()
     with pytest.raises(RuntimeError, match="the source broke"):
-        run_loop(mnv2, breaking(), sinks=[sink], options=RunOptions(batch=4))
+        run_loop(tiny, breaking(), sinks=[sink], options=RunOptions(batch=4))
     assert len(sink.images) == 6        # the second batch had 2 frames when the error came
 
 
@@ -145,14 +156,13 @@ class ThreadCountSpy(Sink):
         self.seen.add(cv2.getNumThreads())
 
 
-@needs_shared
 @pytest.mark.parametrize("few, during", [(True, {1}), (False, {3})])
-def test_opencv_runs_single_threaded_on_few_cores_and_comes_back(mnv2, monkeypatch, opencv_set_to_3_threads,
+def test_opencv_runs_single_threaded_on_few_cores_and_comes_back(tiny, monkeypatch, opencv_set_to_3_threads,
                                                                   few, during):
     """Up to threads.FEW_CORES cores, OpenCV's pool is off during a run; with cores to spare it is left alone."""
     monkeypatch.setattr(threads, "few_cores", lambda: few)
     spy = ThreadCountSpy()
-    run_loop(mnv2, numbered_frames(4), sinks=[spy])
+    run_loop(tiny, numbered_frames(4), sinks=[spy])
     assert spy.seen == during and cv2.getNumThreads() == 3
     if few:  # a run that fails puts the pool back too
 
@@ -161,7 +171,7 @@ def test_opencv_runs_single_threaded_on_few_cores_and_comes_back(mnv2, monkeypat
                 raise OSError("disk full")
 
         with pytest.raises(OSError, match="disk full"):
-            run_loop(mnv2, numbered_frames(4), sinks=[Failing()])
+            run_loop(tiny, numbered_frames(4), sinks=[Failing()])
         assert cv2.getNumThreads() == 3
 
 
@@ -205,14 +215,13 @@ def test_a_dynamic_batch_that_only_runs_one_frame_is_found_quietly(mnv2_int8_onn
     assert result.frames == len(images) == 5
 
 
-@needs_shared
-def test_batched_model_input_holds_each_frame_in_order(mnv2):
+def test_batched_model_input_holds_each_frame_in_order(tiny):
     frames = [np.full((30, 40, 3), v, np.uint8) for v in (0, 128, 255)] + [np.zeros((20, 20), np.uint8)]
-    batch = mnv2.prepare_batch(frames)
-    h, w = mnv2.info.input_size_hw
+    batch = tiny.prepare_batch(frames)
+    h, w = tiny.info.input_size_hw
     assert batch.shape == (4, 3, h, w) and batch.dtype == np.float32
     for i, frame in enumerate(frames):
-        np.testing.assert_array_equal(batch[i], mnv2.prepare(frame)[0])
+        np.testing.assert_array_equal(batch[i], tiny.prepare(frame)[0])
 
 
 def test_frames_per_second_counts_a_first_batch_as_its_start():

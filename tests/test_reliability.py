@@ -19,6 +19,7 @@ import pytest
 
 from conftest import needs_shared, shared
 from mjpeg_server import MjpegServer
+from synthetic import photo, write_photo
 from realtime_cam import CamModel
 from realtime_cam.cli import main
 from realtime_cam.errors import ModelError, SinkError, SourceError
@@ -95,7 +96,6 @@ def test_stream_that_is_gone_gives_up_after_n_tries(mnv2_int8_onnx, tmp_path, ca
     assert frame_count(out) > 0                 # what came before the drop is kept, playable
 
 
-@needs_shared
 @pytest.mark.parametrize("name,make", [
     ("gray.png", lambda img: cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)),
     ("bgra.png", lambda img: cv2.cvtColor(img, cv2.COLOR_BGR2BGRA)),
@@ -103,12 +103,12 @@ def test_stream_that_is_gone_gives_up_after_n_tries(mnv2_int8_onnx, tmp_path, ca
     ("tiny.png", lambda img: img[:1, :1]),
     ("8k.jpg", lambda img: cv2.resize(img, (7680, 4320))),
 ])
-def test_unusual_frames_are_explained(mnv2_int8_onnx, tmp_path, name, make):
-    image = make(cv2.imread(str(shared("images", "skimage_chelsea.png"))))
+def test_unusual_frames_are_explained(tiny_onnx, tmp_path, name, make):
+    image = make(photo((451, 300)))
     src = tmp_path / name
     assert cv2.imwrite(str(src), image)
     out = tmp_path / f"out-{name}"
-    assert main(["run", "--model", str(mnv2_int8_onnx), "--source", str(src), "--output", str(out),
+    assert main(["run", "--model", str(tiny_onnx), "--source", str(src), "--output", str(out),
                  "--no-display", "--box"]) == 0
     result = cv2.imread(str(out))
     assert result.shape[:2] == image.shape[:2] and result.shape[2] == 3
@@ -123,15 +123,14 @@ def _edited_contract(src, tmp_path, edit):
     return path
 
 
-@needs_shared
-def test_label_count_that_does_not_match_the_head(mnv2_int8_onnx, tmp_path):
+def test_label_count_that_does_not_match_the_head(tiny_onnx, tmp_path):
     def drop_a_label(model):
         for p in model.metadata_props:
             if p.key == "realtime_cam.labels":
                 p.value = json.dumps(json.loads(p.value)[:-1])
 
     with pytest.raises(ModelError, match="999 labels but its head has 1000 classes"):
-        CamModel(_edited_contract(mnv2_int8_onnx, tmp_path, drop_a_label))
+        CamModel(_edited_contract(tiny_onnx, tmp_path, drop_a_label))
 
 
 def test_features_of_the_wrong_rank(tmp_path):
@@ -156,11 +155,10 @@ def test_features_of_the_wrong_rank(tmp_path):
         CamModel(tmp_path / "wrong.onnx")
 
 
-@needs_shared
-def test_external_data_outside_the_models_folder_is_refused(mnv2_int8_onnx, tmp_path):
+def test_external_data_outside_the_models_folder_is_refused(tiny_onnx, tmp_path):
     inner = tmp_path / "inner"
     inner.mkdir()
-    model = onnx.load(str(mnv2_int8_onnx))
+    model = onnx.load(str(tiny_onnx))
     onnx.save(model, str(inner / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
               location="w.bin", size_threshold=1024)
     model = onnx.load(str(inner / "m.onnx"), load_external_data=False)
@@ -187,11 +185,11 @@ def test_out_of_range_values_are_usage_errors(argv, capsys):
     assert len(err) == 1 and "error: argument" in err[0] and err[0].endswith("--help)"), err
 
 
-def test_output_folder_that_is_not_writable(tmp_path, monkeypatch, resnet18_onnx, capsys):
+def test_output_folder_that_is_not_writable(tmp_path, monkeypatch, tiny_onnx, capsys):
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) and mode == os.W_OK
                         else real_access(p, mode))
-    line = one_line_error(capsys, 2, ["run", "--model", str(resnet18_onnx), "--output", str(tmp_path / "o.mp4"),
+    line = one_line_error(capsys, 2, ["run", "--model", str(tiny_onnx), "--output", str(tmp_path / "o.mp4"),
                                       "--no-display"])
     assert "not writable" in line
 
@@ -338,28 +336,27 @@ def test_closing_the_buffer_releases_a_waiting_consumer():
     assert not t.is_alive() and got == [None]
 
 
-def test_a_webcam_index_too_large_for_opencv_is_one_line(capsys, resnet18_onnx):
-    line = one_line_error(capsys, 2, ["run", "--model", str(resnet18_onnx), "--source", "99999999999",
+def test_a_webcam_index_too_large_for_opencv_is_one_line(capsys, tiny_onnx):
+    line = one_line_error(capsys, 2, ["run", "--model", str(tiny_onnx), "--source", "99999999999",
                                       "--no-display"])
     assert "cannot open webcam 99999999999" in line
 
 
-@needs_shared
-def test_a_snapshot_folder_that_cannot_be_made_is_one_error(mnv2_int8_onnx, tmp_path):
+def test_a_snapshot_folder_that_cannot_be_made_is_one_error(tiny_onnx, tmp_path):
     from live_helpers import ScriptedWindow
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    model = CamModel(mnv2_int8_onnx, device="cpu")
-    with open_source(str(shared("images", "skimage_chelsea.png"))) as src:
+    model = CamModel(tiny_onnx, device="cpu")
+    with open_source(str(write_photo(tmp_path / "photo.png"))) as src:
         with pytest.raises(SinkError, match="cannot use --snapshot-dir"):
             run_loop(model, src, window=ScriptedWindow({0: ord("s")}),
                      options=RunOptions(snapshot_dir=blocker / "snaps"))
 
 
-def test_debug_on_a_subcommand_shows_the_traceback(resnet18_onnx):
+def test_debug_on_a_subcommand_shows_the_traceback(tiny_onnx):
     with pytest.raises(SourceError):
-        main(["run", "--debug", "--model", str(resnet18_onnx), "--source", "/no/such.mp4", "--no-display"])
+        main(["run", "--debug", "--model", str(tiny_onnx), "--source", "/no/such.mp4", "--no-display"])
 
 
 def test_opset_out_of_range_is_a_usage_error(capsys):

@@ -10,6 +10,7 @@ import cv2
 import pytest
 
 from conftest import needs_shared, shared
+from synthetic import write_photo
 
 TOOLS = [shutil.which(t) for t in ("Xvfb", "import", "xdotool")]
 if os.environ.get("REALTIME_CAM_REQUIRE_X") == "1" and not all(TOOLS):
@@ -51,10 +52,9 @@ def screenshot(env, path):
 
 
 @needs_x
-@needs_shared
-def test_window_shows_the_heatmap_and_q_quits(display, resnet18_onnx, tmp_path):
-    source = shared("images", "skimage_chelsea.png")
-    proc = subprocess.Popen([sys.executable, "-m", "realtime_cam", "run", "--model", str(resnet18_onnx),
+def test_window_shows_the_heatmap_and_q_quits(display, tiny_onnx, tmp_path):
+    source = write_photo(tmp_path / "photo.png", (451, 300))
+    proc = subprocess.Popen([sys.executable, "-m", "realtime_cam", "run", "--model", str(tiny_onnx),
                              "--source", str(source)], env=display, stderr=subprocess.PIPE, text=True)
     try:
         window = wait_for_window(display, "realtime-cam")
