@@ -10,9 +10,9 @@ import os
 import pickle
 import urllib.error
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

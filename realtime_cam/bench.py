@@ -15,20 +15,20 @@ import platform
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import cv2
 import numpy as np
 
 from . import __version__
+from .contract import FEATURES, LOGITS
 from .errors import CamError, DeviceError
 from .fidelity import fidelity
-from .contract import FEATURES, LOGITS
 from .model import CamModel
-from .providers import CUDA
 from .pipeline import DEFAULT_BATCH, RunOptions, run_loop
+from .providers import CUDA
 from .sinks import NullSink, VideoFileSink
 from .sources import CaptureSource, Frame, open_source
 from .threads import HELPER_CPU, usable_cores
@@ -143,7 +143,7 @@ def cpu_per_frame(process_seconds: float, helpers: dict[str, float], frames: int
 class _CpuMeter:
     """The process's and the helper threads' CPU time over a ``with`` block; ``per_frame(n)`` after it."""
 
-    def __enter__(self) -> "_CpuMeter":
+    def __enter__(self) -> _CpuMeter:
         HELPER_CPU.take()  # drop what threads that ended earlier left there
         self._start = time.process_time()
         return self

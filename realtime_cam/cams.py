@@ -13,8 +13,8 @@ export (ONNX Runtime has no autograd).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

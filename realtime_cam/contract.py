@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import numpy_helper

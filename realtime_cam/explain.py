@@ -6,8 +6,8 @@ ONNX Runtime session lives in ``model.py``; drawing in ``overlay.py``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -6,7 +6,7 @@ What ``realtime-cam bench`` and ``export --int8/--fp16`` report. Pure numpy on t
 from __future__ import annotations
 
 import statistics
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

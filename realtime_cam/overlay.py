@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -33,7 +33,7 @@ class OverlayStyle:
     colormap: int = cv2.COLORMAP_JET
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def colormap_table(colormap: int) -> np.ndarray:
     """The 256x1x3 BGR table of an OpenCV colormap.
 

@@ -14,8 +14,8 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -140,7 +140,7 @@ class FrameSource:
         self.size_wh = (0, 0)
         self.frame_count: int | None = None
 
-    def __enter__(self) -> "FrameSource":
+    def __enter__(self) -> FrameSource:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -6,7 +6,8 @@ import contextlib
 import os
 import threading
 import time
-from typing import Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import cv2
 

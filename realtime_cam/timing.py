@@ -7,7 +7,7 @@ t_first: frame by frame that is (N - 1) / (t_last - t_first); batched, n0 is the
 from __future__ import annotations
 
 import collections
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Callable, Generic, Iterable, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 import numpy as np
 

@@ -9,9 +9,9 @@ import subprocess
 import sys
 import time
 
-from realtime_cam.bench import load_frames, bench_inference
-from realtime_cam.model import CamModel
+from realtime_cam.bench import bench_inference, load_frames
 from realtime_cam.export.seed_baseline import time_seed_approach
+from realtime_cam.model import CamModel
 
 model_path, video = sys.argv[1], sys.argv[2]
 print("load average before (1, 5, 15 min):", " ".join(f"{v:.2f}" for v in os.getloadavg()), flush=True)

@@ -33,9 +33,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from realtime_cam.errors import CamError
 from realtime_cam.model import CamModel
@@ -107,7 +107,7 @@ class LoopingVideo:
             self.size_wh = probe.size_wh
         self._frames: Iterator[Frame] | None = None
 
-    def __enter__(self) -> "LoopingVideo":
+    def __enter__(self) -> LoopingVideo:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -67,7 +67,6 @@ def mnv2_int8_onnx(tmp_path_factory) -> Path:
 def tiny_onnx(tmp_path_factory) -> Path:
     """A small seeded conv net in the contract, built with onnx.helper: needs neither torch nor ../shared."""
     import onnx
-
     from synthetic import tiny_contract_model
 
     path = tmp_path_factory.mktemp("models") / "tiny.onnx"

@@ -74,7 +74,7 @@ class MjpegServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/stream.mjpg"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "MjpegServer":
+    def __enter__(self) -> MjpegServer:
         self._thread.start()
         return self
 

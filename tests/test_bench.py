@@ -8,8 +8,8 @@ import sys
 
 import cv2
 import pytest
-
 from conftest import needs_shared, shared
+
 from realtime_cam import bench
 from realtime_cam.bench import source_revision
 from realtime_cam.cli import main

@@ -9,12 +9,12 @@ import time
 
 import cv2
 import pytest
-
 from conftest import needs_shared, shared
 from mjpeg_server import MjpegServer
 from synthetic import write_photo
-from realtime_cam.cli import build_parser, main
+
 from realtime_cam.cams import METHODS
+from realtime_cam.cli import build_parser, main
 
 SCRIPT = shutil.which("realtime-cam", path=os.path.dirname(sys.executable)) or shutil.which("realtime-cam")
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import ROOT, needs_shared, shared
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the script reads /proc (Linux)")

@@ -11,11 +11,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import needs_shared, shared
 
 from realtime_cam.cams import METHODS
+from realtime_cam.cli import build_parser, cmd_evaluate
 from realtime_cam.errors import CamError
 from realtime_cam.evaluation.annotations import load_ground_truth, read_boxes_csv, resolve_image
-from realtime_cam.cli import build_parser, cmd_evaluate
 from realtime_cam.evaluation.metrics import (
     ImageResult,
     apply_crop,
@@ -33,8 +34,6 @@ from realtime_cam.evaluation.metrics import (
     wsol_boxes,
     wsol_iou,
 )
-
-from conftest import needs_shared, shared
 
 LABELS = ("tench", "goldfish", "tabby cat")
 

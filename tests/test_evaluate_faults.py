@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import needs_shared, shared
+
 from realtime_cam.cli import main
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import onnx
 import pytest
-
 from conftest import needs_shared, shared
+
 from realtime_cam.contract import read_contract
 from realtime_cam.errors import ExportError
 from realtime_cam.export.build import export_model

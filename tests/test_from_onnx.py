@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import SHARED
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import SHARED
 from realtime_cam.contract import FEATURES, LOGITS, load_labels, read_contract
 from realtime_cam.errors import ExportError
 from realtime_cam.export.from_onnx import RewriteReport, rewrite_onnx_classifier

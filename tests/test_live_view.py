@@ -5,13 +5,13 @@ import json
 import cv2
 import numpy as np
 import pytest
-
 from conftest import needs_shared, shared
+from live_helpers import ScriptedWindow
+from synthetic import moving_frames
+
 from realtime_cam import CamModel
 from realtime_cam.cams import METHODS, cam
 from realtime_cam.pipeline import RunOptions, explain_frame, run_loop
-from live_helpers import ScriptedWindow
-from synthetic import moving_frames
 from realtime_cam.sources import open_source
 from realtime_cam.temporal import TemporalOptions, TemporalState, hold_leader, smooth_map, smooth_probabilities
 from realtime_cam.view import QUIT, RECORD, SNAPSHOT, ViewState, handle_key

@@ -4,10 +4,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from conftest import needs_shared, shared
 from synthetic import plain_classifier
-from realtime_cam import CamModel, CamError
+
+from realtime_cam import CamError, CamModel
 from realtime_cam.bench import resident_runner
 from realtime_cam.cams import cam, normalize_map
 from realtime_cam.errors import DeviceError, ModelError

@@ -4,15 +4,14 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+from conftest import needs_shared, shared
 from onnx import helper, numpy_helper
 
-from conftest import needs_shared, shared
-from realtime_cam import CamModel
-from realtime_cam import threads
+from realtime_cam import CamModel, threads
 from realtime_cam.pipeline import RunOptions, run_loop
-from realtime_cam.timing import Rate
 from realtime_cam.sinks import Sink
 from realtime_cam.sources import Frame, file_decode_params, open_source
+from realtime_cam.timing import Rate
 from realtime_cam.view import ViewState
 
 

@@ -13,9 +13,9 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+from conftest import needs_shared, shared
 from onnx import TensorProto, numpy_helper
 
-from conftest import needs_shared, shared
 from realtime_cam.contract import FEATURES, LOGITS, PREFIX, read_contract
 from realtime_cam.errors import CamError, ExportError
 from realtime_cam.export.fp16 import convert_fp16

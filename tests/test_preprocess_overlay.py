@@ -6,9 +6,9 @@ import pytest
 
 from realtime_cam.cams import normalize_map
 from realtime_cam.errors import SourceError
-from realtime_cam.types import Prediction
 from realtime_cam.overlay import OverlayStyle, colorize, render
 from realtime_cam.preprocess import Preprocessor, as_bgr
+from realtime_cam.types import Prediction
 
 
 def test_preprocessor_equals_the_textbook_transform():

@@ -16,10 +16,10 @@ import cv2
 import numpy as np
 import onnx
 import pytest
-
 from conftest import needs_shared, shared
 from mjpeg_server import MjpegServer
 from synthetic import photo, write_photo
+
 from realtime_cam import CamModel
 from realtime_cam.cli import main
 from realtime_cam.errors import ModelError, SinkError, SourceError

@@ -6,9 +6,9 @@ import time
 import cv2
 import numpy as np
 import pytest
-
 from conftest import needs_shared, shared
 from mjpeg_server import MjpegServer
+
 from realtime_cam.errors import SourceError
 from realtime_cam.sources import SOURCE_KINDS, Frame, FrameBuffer, open_source, opencv_quiet
 

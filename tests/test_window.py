@@ -8,7 +8,6 @@ import time
 
 import cv2
 import pytest
-
 from conftest import needs_shared, shared
 from synthetic import write_photo
 

@@ -13,13 +13,13 @@ import math
 import os
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-from ..labels import whole_number
 from ..errors import CamError
 from ..images import IMAGE_EXTENSIONS
+from ..labels import whole_number
 from ..localize import Box
 
 REQUIRED_COLUMNS = ("file", "class_id", "x0", "y0", "x1", "y1")

@@ -23,8 +23,8 @@ What each number means (all in percent of the evaluated images):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import cv2
 import numpy as np

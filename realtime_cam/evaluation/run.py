@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -19,8 +20,8 @@ from ..localize import Box
 from ..progress import Progress
 from .annotations import GroundTruth, load_ground_truth, load_wnids, resolve_image
 from .metrics import (
-    CROPS,
     CAM_THRESHOLDS,
+    CROPS,
     LOC_IOU,
     V2_IOU_THRESHOLDS,
     CropTransform,
@@ -178,7 +179,7 @@ class _ModelView:
         self._outputs: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
-    def of(cls, path: Path, model: CamModel, config: EvaluateConfig) -> "_ModelView":
+    def of(cls, path: Path, model: CamModel, config: EvaluateConfig) -> _ModelView:
         frame = read_image(path)
         h, w = frame.shape[:2]
         if config.crop != "center":
