@@ -49,17 +49,19 @@ def test_boxes_wholly_outside_their_image_are_listed_not_counted_as_misses(mnv2_
 def test_ctrl_c_during_evaluate_writes_what_was_scored_marked_partial(mnv2_int8_onnx, tmp_path):
     folder = shared("imagenet-val-20")
     rows = (folder / "annotations.csv").read_text().splitlines()
-    # The 20 images many times over: long enough to be interrupted in the middle.
-    csv = write(tmp_path / "many.csv", "\n".join([rows[0], *rows[1:] * 40]) + "\n")
-    out = tmp_path / "r.json"
+    # The 20 images many times over, each row with an overlay: long enough to be interrupted in the middle.
+    csv = write(tmp_path / "many.csv", "\n".join([rows[0], *rows[1:] * 200]) + "\n")
+    out, overlays = tmp_path / "r.json", tmp_path / "overlays"
     proc = subprocess.Popen([sys.executable, "-m", "realtime_cam", "evaluate", "--model", str(mnv2_int8_onnx),
-                             "--images", str(folder), "--boxes", str(csv), "--device", "cpu", "--json", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(8.0)
+                             "--images", str(folder), "--boxes", str(csv), "--device", "cpu", "--json", str(out),
+                             "--save-dir", str(overlays)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (overlays.is_dir() and len(list(overlays.iterdir())) >= 5) and time.monotonic() < deadline:
+        time.sleep(0.1)
     os.kill(proc.pid, signal.SIGINT)
     stdout, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
     doc = json.loads(out.read_text())
-    assert doc["partial"] is True and 0 < doc["images"] < 20 * 40 * 1
+    assert doc["partial"] is True and 0 < doc["images"] < 20 * 200
     assert f"wrote {out} (partial: interrupted)" in err
     assert "interrupted: these figures cover the first" in stdout
