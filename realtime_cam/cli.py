@@ -271,6 +271,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not model_path.exists():
             _export_missing_default(model_path)
     model = CamModel(model_path, device=args.device)
+    if args.method not in model.methods:
+        raise CamError(f"--method {args.method}: this model cannot give it (its head is not global average "
+                       f"pooling + one linear layer); it offers {', '.join(model.methods)}")
     class_id = model.class_id_for(args.class_name) if args.class_name is not None else None
     log.info("model %s (%d classes) on %s", model_path, model.num_classes, model.provider)
 

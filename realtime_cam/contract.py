@@ -4,7 +4,11 @@ A contract file has
 - an input of shape [N, 3, H, W] (float32, normalised as its metadata says);
 - an output named ``logits`` [N, K] and an output named ``features`` [N, C, h, w]: the map right before
   the global average pooling, so that ``logits == W @ mean_hw(features) + b`` for the head (W, b);
-- float32 initializers holding the head's W [K, C] and b [K] (a dequantized copy for quantized heads);
+- float32 initializers holding the head's W [K, C] and b [K] (a dequantized copy for quantized heads), when
+  the head is global average pooling + one linear layer ("gap_linear"); other heads ("graph") have none;
+- optionally (contract version 2) the gradient of one class score w.r.t. the features, computed inside the
+  graph: an input ``target_class`` [N] int64 with a default of -1 (the frame's top-1) and outputs ``grads``
+  [N, C, h, w] and ``grads_class`` [N]; a "graph" head always has them;
 - ``metadata_props`` under the ``realtime_cam.`` prefix: labels, input size, normalisation, the names of
   the head initializers and where the model came from.
 
@@ -24,10 +28,15 @@ from onnx import numpy_helper
 
 from .errors import ModelError
 
-CONTRACT_VERSION = "1"
+CONTRACT_VERSION = "1"  # GAP + linear head, no gradient output: what every version of the runtime reads
+GRADIENT_CONTRACT_VERSION = "2"  # a gradient output, and maybe no linear head
+SUPPORTED_VERSIONS = (CONTRACT_VERSION, GRADIENT_CONTRACT_VERSION)
 PREFIX = "realtime_cam."
 LOGITS = "logits"
 FEATURES = "features"
+GRADS = "grads"
+GRADS_CLASS = "grads_class"
+TARGET_CLASS = "target_class"
 HEAD_WEIGHT_COPY = "realtime_cam.head.weight"
 HEAD_BIAS_COPY = "realtime_cam.head.bias"
 
@@ -119,13 +128,14 @@ def _find_initializer(graph: onnx.GraphProto, array: np.ndarray) -> str | None:
 def write_contract(
     model: onnx.ModelProto,
     info: ModelInfo,
-    head_weight: np.ndarray,
-    head_bias: np.ndarray,
+    head_weight: np.ndarray | None,
+    head_bias: np.ndarray | None,
 ) -> onnx.ModelProto:
     """Attach the head and the metadata to a graph that already has ``logits`` and ``features`` outputs.
 
     The head is referenced by name when the graph already holds it as a float32 [K, C] / [K] initializer;
-    otherwise a float32 copy is added (quantized heads, MatMul heads stored as [C, K]).
+    otherwise a float32 copy is added (quantized heads, MatMul heads stored as [C, K]). A head that is not
+    GAP + linear passes None for both, and the graph must then carry the gradient output.
 
     Returns:
         The same ModelProto, modified in place.
@@ -133,33 +143,23 @@ def write_contract(
     outputs = [o.name for o in model.graph.output]
     if outputs[:2] != [LOGITS, FEATURES]:
         raise ModelError(f"a contract graph's first outputs must be {LOGITS!r}, {FEATURES!r}; got {outputs}")
-    weight = np.ascontiguousarray(head_weight, dtype=np.float32)
-    bias = np.ascontiguousarray(head_bias, dtype=np.float32).reshape(-1)
-    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
-        raise ModelError(f"head weight must be [K, C] and bias [K]; got {weight.shape} and {bias.shape}")
-    if len(info.labels) != weight.shape[0]:
-        raise ModelError(f"{len(info.labels)} labels for a head with {weight.shape[0]} classes")
-
-    names = []
-    for array, copy_name in ((weight, HEAD_WEIGHT_COPY), (bias, HEAD_BIAS_COPY)):
-        name = _find_initializer(model.graph, array)
-        if name is None:
-            model.graph.initializer.append(numpy_helper.from_array(array, copy_name))
-            name = copy_name
-        names.append(name)
-
+    has_grads = GRADS in outputs
     meta = {
-        "contract": CONTRACT_VERSION,
+        "contract": GRADIENT_CONTRACT_VERSION if has_grads or head_weight is None else CONTRACT_VERSION,
         "labels": json.dumps(list(info.labels)),
         "input_size_hw": json.dumps(list(info.input_size_hw)),
         "mean": json.dumps([float(v) for v in info.mean]),
         "std": json.dumps([float(v) for v in info.std]),
         "channel_order": info.channel_order,
-        "head_weight": names[0],
-        "head_bias": names[1],
+        "head": "graph" if head_weight is None else "gap_linear",
         "source": info.source,
         "head_tolerance": repr(float(info.head_tolerance)),
     }
+    if head_weight is None:
+        if not has_grads:
+            raise ModelError(f"a head that is not GAP + linear needs the {GRADS!r} output (add_gradient_output)")
+    else:
+        meta["head_weight"], meta["head_bias"] = _head_names(model, info, head_weight, head_bias)
     kept = [p for p in model.metadata_props if not p.key.startswith(PREFIX)]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
@@ -168,8 +168,28 @@ def write_contract(
     return model
 
 
-def read_contract(model: onnx.ModelProto) -> tuple[ModelInfo, np.ndarray, np.ndarray]:
-    """Read the metadata and the head (W [K, C] float32, b [K] float32) of a contract file.
+def _head_names(model: onnx.ModelProto, info: ModelInfo, head_weight: np.ndarray,
+                head_bias: np.ndarray | None) -> list[str]:
+    """The initializers holding W [K, C] and b [K] as float32 (found, or added as copies)."""
+    weight = np.ascontiguousarray(head_weight, dtype=np.float32)
+    bias = np.ascontiguousarray(head_bias, dtype=np.float32).reshape(-1)
+    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
+        raise ModelError(f"head weight must be [K, C] and bias [K]; got {weight.shape} and {bias.shape}")
+    if len(info.labels) != weight.shape[0]:
+        raise ModelError(f"{len(info.labels)} labels for a head with {weight.shape[0]} classes")
+    names = []
+    for array, copy_name in ((weight, HEAD_WEIGHT_COPY), (bias, HEAD_BIAS_COPY)):
+        name = _find_initializer(model.graph, array)
+        if name is None:
+            model.graph.initializer.append(numpy_helper.from_array(array, copy_name))
+            name = copy_name
+        names.append(name)
+    return names
+
+
+def read_contract(model: onnx.ModelProto) -> tuple[ModelInfo, np.ndarray | None, np.ndarray | None]:
+    """Read the metadata and the head (W [K, C] float32, b [K] float32; None for a "graph" head) of a
+    contract file.
 
     Raises:
         ModelError: naming what is missing or inconsistent, and what to run to make a contract file.
@@ -184,8 +204,9 @@ def read_contract(model: onnx.ModelProto) -> tuple[ModelInfo, np.ndarray, np.nda
         )
     if "contract" not in meta:
         raise ModelError(f"the model has no realtime-cam metadata; {how}")
-    if meta["contract"] != CONTRACT_VERSION:
-        raise ModelError(f"model contract version {meta['contract']} is not supported (expected {CONTRACT_VERSION})")
+    if meta["contract"] not in SUPPORTED_VERSIONS:
+        raise ModelError(f"model contract version {meta['contract']} is not supported (expected one of "
+                         f"{', '.join(SUPPORTED_VERSIONS)}): update realtime-cam")
     try:
         info = ModelInfo(
             labels=tuple(json.loads(meta["labels"])),
@@ -196,9 +217,14 @@ def read_contract(model: onnx.ModelProto) -> tuple[ModelInfo, np.ndarray, np.nda
             source=meta.get("source", ""),
             head_tolerance=float(meta.get("head_tolerance", "0")),
         )
-        weight_name, bias_name = meta["head_weight"], meta["head_bias"]
+        graph_head = meta.get("head") == "graph"
+        weight_name, bias_name = (None, None) if graph_head else (meta["head_weight"], meta["head_bias"])
     except (KeyError, ValueError, TypeError) as exc:
         raise ModelError(f"the model's realtime-cam metadata is incomplete or malformed ({exc}); {how}") from None
+    if graph_head:
+        if GRADS not in outputs:
+            raise ModelError(f"the model's head is not GAP + linear but it has no {GRADS!r} output; {how}")
+        return info, None, None
     inits = {i.name: i for i in model.graph.initializer}
     try:
         weight = numpy_helper.to_array(inits[weight_name]).astype(np.float32, copy=False)

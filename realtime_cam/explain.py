@@ -6,7 +6,7 @@ ONNX Runtime session lives in ``model.py``; drawing in ``overlay.py``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +42,7 @@ def explain(
     labels: Sequence[str],
     request: Request = Request(),
     temporal: TemporalState | None = None,
+    gradients: Callable[[int], np.ndarray] | None = None,
 ) -> tuple[Prediction, TemporalState | None]:
     """One frame's prediction with its [0, 1] map, and the stream's next temporal state.
 
@@ -52,6 +53,8 @@ def explain(
         labels: K class names.
         temporal: a video's history: smooths probabilities and maps over frames and holds the shown top-1
             (hysteresis); None treats the frame on its own (and None is returned for it).
+        gradients: d logits[c] / d features [C, h, w] for a class c, from the model's gradient output (a head
+            that is not GAP + linear); None: the closed form of the GAP + linear head.
     """
     if request.method not in METHODS:
         raise CamError(f"unknown map method {request.method!r}; choose from {', '.join(METHODS)}")
@@ -69,7 +72,9 @@ def explain(
         check_class_id(class_id, len(labels))
     else:
         class_id = ranking[min(max(0, request.rank), len(ranking) - 1)]
-    raw = compute_map(request.method, features_chw, head_weight_kc, class_id)
+    needs_grads = METHODS[request.method].needs == "grads" and gradients is not None
+    raw = compute_map(request.method, features_chw, head_weight_kc, class_id,
+                      grads_chw=gradients(class_id) if needs_grads else None)
     if temporal is None:
         shown = normalize_map(raw)
     else:

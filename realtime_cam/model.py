@@ -7,13 +7,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .contract import FEATURES, LOGITS, read_contract
+from .cams import METHODS
+from .contract import FEATURES, GRADS, GRADS_CLASS, LOGITS, TARGET_CLASS, read_contract
 from .errors import DeviceError, ModelError
 from .explain import Request, explain
 from .labels import class_id_for
@@ -49,6 +51,29 @@ def load_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
     except Exception as exc:  # onnx raises DecodeError, ValidationError, OSError... for a bad file
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"cannot read {p} as an ONNX model ({reason})") from None
+
+
+@dataclass(frozen=True, eq=False)
+class Outputs:
+    """What one run gives for a batch (or, from :meth:`row`, for one frame of it).
+
+    Attributes:
+        logits: [N, K].
+        features: [N, C, h, w], the explained layer.
+        grads: [N, C, h, w], d logits[n, grads_class[n]] / d features[n], from a model file with a gradient
+            output whose head needs it (not GAP + linear); else None.
+        grads_class: [N], the class each row of ``grads`` is for; None without ``grads``.
+    """
+
+    logits: np.ndarray
+    features: np.ndarray
+    grads: np.ndarray | None = None
+    grads_class: np.ndarray | None = None
+
+    def row(self, i: int) -> Outputs:
+        if self.grads is None:
+            return Outputs(self.logits[i], self.features[i])
+        return Outputs(self.logits[i], self.features[i], self.grads[i], self.grads_class[i])
 
 
 class CamModel:
@@ -92,6 +117,12 @@ class CamModel:
                 )
             log.warning("CUDA provider is installed but did not start; running on CPU")
         self._input_name = self._session.get_inputs()[0].name
+        outputs = {o.name for o in self._session.get_outputs()}
+        inputs = {i.name for i in (*self._session.get_inputs(), *self._session.get_overridable_initializers())}
+        # A GAP + linear head has its gradients in closed form (cams.head_gradients): the graph's are fetched
+        # only for other heads.
+        self._fetch_grads = self.head_weight is None and {GRADS, GRADS_CLASS} <= outputs
+        self._takes_target = TARGET_CLASS in inputs
         self._check_shapes()
         self._batch_runs: dict[int, bool] = {}  # batch size -> the model runs it (see batch_size)
         self._preprocess = Preprocessor(
@@ -107,11 +138,13 @@ class CamModel:
         except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelError(f"{self.path} does not run on a {h}x{w} input ({reason[:200]})") from None
-        k, c = self.head_weight.shape
         if features.ndim != 4:
             raise ModelError(f"'features' must be [N, C, h, w]; the model gives {list(features.shape)}")
-        if features.shape[1] != c:
-            raise ModelError(f"'features' has {features.shape[1]} channels but the head expects {c}")
+        k = self.num_classes
+        if self.head_weight is not None:
+            k, c = self.head_weight.shape
+            if features.shape[1] != c:
+                raise ModelError(f"'features' has {features.shape[1]} channels but the head expects {c}")
         if logits.shape != (1, k):
             raise ModelError(f"'logits' must be [N, {k}] for this head; the model gives {list(logits.shape)}")
 
@@ -178,6 +211,39 @@ class CamModel:
             self._preprocess(as_bgr(frame), out=batch[i:i + 1])
         return batch
 
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The map methods this model can give (keys of METHODS): ``cam`` needs a GAP + linear head, the
+        gradient methods that head or the model's gradient output."""
+        has_grads = self.head_weight is not None or self._fetch_grads
+        return tuple(name for name, m in METHODS.items()
+                     if m.needs == "features" or (m.needs == "head" and self.head_weight is not None)
+                     or (m.needs == "grads" and has_grads))
+
+    def run(self, batch: np.ndarray, targets: np.ndarray | None = None) -> Outputs:
+        """Run the network on a prepared batch, with the gradient output when the head needs it.
+
+        Args:
+            targets: [N] int64 class per frame whose gradient to compute (-1: the frame's top-1); None for
+                all -1. Ignored by models that compute no gradient.
+        """
+        if not self._fetch_grads:
+            logits, features = self.forward(batch)
+            return Outputs(logits, features)
+        feed = {self._input_name: batch}
+        if self._takes_target:
+            feed[TARGET_CLASS] = (np.full(len(batch), -1, np.int64) if targets is None
+                                  else np.asarray(targets, np.int64).reshape(len(batch)))
+        logits, features, grads, grads_class = self._session.run([LOGITS, FEATURES, GRADS, GRADS_CLASS], feed)
+        return Outputs(logits, features, grads, grads_class)
+
+    def gradients(self, frame_bgr: np.ndarray, class_id: int) -> np.ndarray | None:
+        """d logits[class_id] / d features [C, h, w] for one frame, from the model's gradient output (another
+        run); None when the model has none (a GAP + linear head: use the closed form)."""
+        if not self._fetch_grads:
+            return None
+        return self.run(self.prepare(frame_bgr), np.array([class_id])).grads[0]
+
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the network on a prepared batch: (logits [N, K], features [N, C, h, w]), float32."""
         logits, features = self._session.run([LOGITS, FEATURES], {self._input_name: batch})
@@ -199,6 +265,14 @@ class CamModel:
             method: a key of ``realtime_cam.cams.METHODS``.
             topk: how many classes ``Prediction.topk`` lists.
         """
-        logits, features = self.infer(frame_bgr)
+        out = self.run(self.prepare(frame_bgr), None if class_id is None else np.array([class_id])).row(0)
         request = Request(method=method, class_id=class_id, topk=topk)
-        return explain(logits, features, self.head_weight, self.labels, request)[0]
+        return explain(out.logits, out.features, self.head_weight, self.labels, request,
+                       gradients=self.gradient_source(frame_bgr, out))[0]
+
+    def gradient_source(self, frame_bgr: np.ndarray, out: Outputs):
+        """For :func:`explain`: the gradient of any class on this frame, from the run's output when it is that
+        class's, else from another run; None for a GAP + linear head (closed form)."""
+        if out.grads is None:
+            return None
+        return lambda c: out.grads if c == int(out.grads_class) else self.gradients(frame_bgr, c)

@@ -29,7 +29,7 @@ from .view import KEY_HELP, QUIT, RECORD, SNAPSHOT, ViewState, handle_key
 from .workers import OrderedWorker, Prefetcher
 
 if TYPE_CHECKING:
-    from .model import CamModel
+    from .model import CamModel, Outputs
 
 # Frames per inference call for a file (RunOptions.batch). On 2 cores ResNet18 inference alone ran 115-121 FPS
 # frame by frame, 125-134 at 4 and 132-135 at 8 over several runs, and file to file was no faster at 8 than
@@ -127,19 +127,28 @@ class Shown:
 
 
 def explain_frame(model: CamModel, logits: np.ndarray, features_chw: np.ndarray, view: ViewState,
-                  temporal: TemporalState | None) -> tuple[Prediction, TemporalState | None]:
-    """One frame's prediction as the view asks for it, and the stream's next temporal state."""
+                  temporal: TemporalState | None, gradients=None) -> tuple[Prediction, TemporalState | None]:
+    """One frame's prediction as the view asks for it, and the stream's next temporal state (``gradients``:
+    see :func:`~realtime_cam.explain.explain`)."""
     request = Request(method=view.method, class_id=view.pinned_class, topk=view.topk, rank=view.rank)
-    return explain(logits, features_chw, model.head_weight, model.labels, request, temporal)
+    return explain(logits, features_chw, model.head_weight, model.labels, request, temporal, gradients)
 
 
-def step(model: CamModel, frame: Frame, logits: np.ndarray, features_chw: np.ndarray, view: ViewState,
-         options: RunOptions, state: StreamState, sinks: Sequence[Sink] = (), hud: Sequence[str] = (),
+def targets_for(view: ViewState, n: int) -> np.ndarray | None:
+    """The class whose gradient a run computes for each of ``n`` frames: the pinned one, else each frame's
+    top-1 (None); a frame explained for another class gets a second run (see ``CamModel.gradient_source``)."""
+    return None if view.pinned_class is None else np.full(n, view.pinned_class, np.int64)
+
+
+def step(model: CamModel, frame: Frame, out: Outputs, view: ViewState, options: RunOptions, state: StreamState,
+         sinks: Sequence[Sink] = (), hud: Sequence[str] = (),
          times: StageTimes | None = None) -> tuple[Shown, StreamState]:
-    """After inference, one frame: explain -> flicker -> draw -> write to the sinks. Returns what was shown
-    and the stream's next state (a caller that only redraws, such as a paused view, keeps the old one)."""
+    """After inference, one frame (``out``: its row of the run's outputs): explain -> flicker -> draw ->
+    write to the sinks. Returns what was shown and the stream's next state (a caller that only redraws,
+    such as a paused view, keeps the old one)."""
     t0 = time.perf_counter()
-    prediction, temporal = explain_frame(model, logits, features_chw, view, state.temporal)
+    prediction, temporal = explain_frame(model, out.logits, out.features, view, state.temporal,
+                                         model.gradient_source(frame.image_bgr, out))
     change = flicker(state.previous_map, prediction.cam)
     t1 = time.perf_counter()
     h, w = frame.image_bgr.shape[:2]
@@ -191,9 +200,9 @@ class _Renderer:
         self._model, self._sinks, self._options, self._times = model, sinks, options, times
         self.state = StreamState.start(options.temporal)
 
-    def __call__(self, item: tuple[Frame, np.ndarray, np.ndarray]) -> None:
-        frame, logits, features = item
-        _, self.state = step(self._model, frame, logits, features, self._options.view, self._options, self.state,
+    def __call__(self, item: tuple[Frame, Outputs]) -> None:
+        frame, out = item
+        _, self.state = step(self._model, frame, out, self._options.view, self._options, self.state,
                              sinks=self._sinks, times=self._times)
 
 
@@ -220,12 +229,12 @@ def _run_headless(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
             if len(inputs) < batch:  # a file's last frames: keep one input shape for the whole run
                 inputs = np.concatenate([inputs, np.zeros((batch - len(inputs), *inputs.shape[1:]), inputs.dtype)])
             t0 = time.perf_counter()
-            logits, features = model.forward(inputs)
+            out = model.run(inputs, targets_for(options.view, len(inputs)))
             t1 = time.perf_counter()
             if options.max_frames is not None:
                 chunk = chunk[: options.max_frames - rate.done]
             for i, frame in enumerate(chunk):
-                worker.submit((frame, logits[i], features[i]))
+                worker.submit((frame, out.row(i)))
             times.add("wait", t0 - t_prev, len(chunk))
             times.add("inference", t1 - t0, len(chunk))
             t_prev = time.perf_counter()
@@ -279,12 +288,12 @@ def _run_windowed(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
             t0 = time.perf_counter()
             inputs = model.prepare(frame.image_bgr)
             t1 = time.perf_counter()
-            logits, features = model.forward(inputs)
+            out = model.run(inputs, targets_for(view, 1)).row(0)
             t2 = time.perf_counter()
             hud = []
             if options.show_fps and rate.done > 1:
                 hud = [f"{rate.shown:.1f} FPS" + (f"  latency {latency_ms:.0f} ms" if options.live_source else "")]
-            shown, state = step(model, frame, logits[0], features[0], view, options, state,
+            shown, state = step(model, frame, out, view, options, state,
                                 sinks=(*sinks, snapshots, window), hud=hud, times=times)
             t5 = time.perf_counter()
             latency_ms = (t5 - frame.captured_at) * 1000.0 if frame.captured_at else 0.0
@@ -301,7 +310,7 @@ def _run_windowed(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
                     waited = window.wait_key(remaining_ms)
                     key = key if waited < 0 else waited
             while True:  # keys; while paused, keep serving them (and redraw what they change)
-                new_view, action = handle_key(view, key, shown.prediction.class_id)
+                new_view, action = handle_key(view, key, shown.prediction.class_id, model.methods)
                 if action == QUIT:
                     stopped_by = "quit"
                     break
@@ -312,7 +321,7 @@ def _run_windowed(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
                 if new_view != view:
                     view = new_view
                     if view.paused:  # show the change on the held frame; the stream's state does not move
-                        shown, _ = step(model, frame, logits[0], features[0], view, options, state,
+                        shown, _ = step(model, frame, out, view, options, state,
                                         sinks=(window,), hud=[*hud, "paused"])
                 if window.closed:
                     stopped_by = "window-closed"

@@ -7,6 +7,7 @@ from the command line, so every live option also works on video files.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from .cams import METHODS
@@ -56,11 +57,13 @@ class ViewState:
     show_help: bool = False
 
 
-def handle_key(state: ViewState, key: int, current_class: int | None) -> tuple[ViewState, str | None]:
+def handle_key(state: ViewState, key: int, current_class: int | None,
+               methods: Sequence[str] = tuple(METHODS)) -> tuple[ViewState, str | None]:
     """The state after ``key`` and the action the loop must carry out (or None).
 
     Args:
         current_class: the class explained on the frame on screen (what ``c`` pins).
+        methods: the methods the model can give, in METHODS order (``m`` steps through these only).
     """
     if key < 0:
         return state, None
@@ -77,8 +80,9 @@ def handle_key(state: ViewState, key: int, current_class: int | None) -> tuple[V
             return replace(state, pinned_class=None), None
         return replace(state, pinned_class=current_class), None
     if ch == "m":
-        names = list(METHODS)
-        return replace(state, method=names[(names.index(state.method) + 1) % len(names)]), None
+        names = list(methods)
+        at = names.index(state.method) if state.method in names else -1
+        return replace(state, method=names[(at + 1) % len(names)]), None
     if ch == "b":
         return replace(state, show_box=not state.show_box), None
     if ch in ("+", "="):

@@ -37,7 +37,7 @@ from .metrics import (
 )
 
 if TYPE_CHECKING:  # run_evaluate imports the model (and ONNX Runtime) only when it runs
-    from ..model import CamModel
+    from ..model import CamModel, Outputs
     from ..types import Prediction
 
 
@@ -176,7 +176,7 @@ class _ModelView:
 
     def __init__(self, frame: np.ndarray, size_wh: tuple[int, int], crop: CropTransform | None) -> None:
         self.frame, self.size_wh, self.crop = frame, size_wh, crop
-        self._outputs: tuple[np.ndarray, np.ndarray] | None = None
+        self._outputs: Outputs | None = None
 
     @classmethod
     def of(cls, path: Path, model: CamModel, config: EvaluateConfig) -> _ModelView:
@@ -187,9 +187,9 @@ class _ModelView:
         tf = center_crop_transform((w, h), model.info.input_size_hw)
         return cls(apply_crop(frame, tf), (w, h), tf)
 
-    def outputs(self, model: CamModel) -> tuple[np.ndarray, np.ndarray]:
+    def outputs(self, model: CamModel) -> Outputs:
         if self._outputs is None:
-            self._outputs = model.infer(self.frame)
+            self._outputs = model.run(model.prepare(self.frame)).row(0)
         return self._outputs
 
 
@@ -211,9 +211,11 @@ def _score_row(model: CamModel, config: EvaluateConfig, gt: GroundTruth, path: P
             return "outside crop"
     frame = view.frame
     eval_h, eval_w = frame.shape[:2]
-    logits, features = view.outputs(model)
+    out = view.outputs(model)
+    logits = out.logits
     request = Request(method=config.method, class_id=gt.class_id, topk=config.topk)
-    prediction, _ = explain(logits, features, model.head_weight, model.labels, request)
+    prediction, _ = explain(logits, out.features, model.head_weight, model.labels, request,
+                            gradients=model.gradient_source(frame, out))
     result = score_image(
         prediction.cam, gt_boxes, (eval_w, eval_h), gt.class_id, rank_classes(logits, config.topk),
         file=gt.file, box_threshold=config.box_threshold, pointing_tolerance=config.pointing_tolerance,
