@@ -41,6 +41,7 @@ def export_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     bgr: bool = False,
+    features: str | None = None,
     int8: bool = False,
     fp16: bool = False,
     calibrate: PathLike | Sequence[PathLike] | None = None,
@@ -58,7 +59,7 @@ def export_model(
             file, or "none"), and the ONNX opset to export at.
         from_onnx: rewrite this ONNX classifier (GAP + linear head, float or quantized) instead.
         labels: class names, one per line (default: ImageNet-1k for 1000 classes, else numbered).
-        input_size_hw, mean, std, bgr: ``from_onnx`` only; see
+        input_size_hw, mean, std, bgr, features: ``from_onnx`` only; see
             :func:`~realtime_cam.export.from_onnx.rewrite_onnx_classifier`.
         int8: write a static int8 model for the CPU, calibrated on the frames of ``calibrate``.
         fp16: write a float16 model for the CUDA provider.
@@ -84,6 +85,8 @@ def export_model(
         raise ExportError("--int8 needs --calibrate SOURCE: frames (videos, images, folders) to set activation ranges")
     if (calibrate or check) and not (int8 or fp16):
         raise ExportError("--calibrate and --check go with --int8 (or --check with --fp16)")
+    if features is not None and from_onnx is None:
+        raise ExportError("--features goes with --from-onnx (a torchvision backbone is explained at its last map)")
     if int8 and calibration not in CALIBRATIONS:
         raise ExportError(f"unknown calibration {calibration!r}; choose from {', '.join(CALIBRATIONS)}")
     # After the checks above, so that a usage mistake leaves no new folder behind.
@@ -95,7 +98,7 @@ def export_model(
 
             rewrite_onnx_classifier(
                 from_onnx, path, labels_path=labels, input_size_hw=tuple(input_size_hw) if input_size_hw else None,
-                mean=mean, std=std, bgr=bgr, log=log,
+                mean=mean, std=std, bgr=bgr, features=features, log=log,
             )
         else:
             torchvision_exporter()(arch, weights, path, opset=opset, labels_path=labels, log=log)

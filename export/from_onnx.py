@@ -31,6 +31,7 @@ from onnx import TensorProto, helper
 
 from realtime_cam.contract import (
     FEATURES,
+    GRADS,
     IMAGENET_MEAN_RGB,
     IMAGENET_STD_RGB,
     LOGITS,
@@ -42,8 +43,11 @@ from realtime_cam.contract import (
 from realtime_cam.errors import CamError, ExportError
 
 from .checks import cpu_session, float_tolerance, replace_atomically
+from .graph_head import explained_tensors, with_gradient_head
 from .onnx_graph import (
+    DataPath,
     GraphIndex,
+    Shapes,
     data_path,
     dequantize,
     prune,
@@ -52,7 +56,7 @@ from .onnx_graph import (
     tensor_shapes,
     unique_name,
 )
-from .onnx_head import Head, find_head, op_of
+from .onnx_head import Head, InputTooSmall, find_head, op_of
 
 __all__ = ["RewriteReport", "rewrite_onnx_classifier"]
 
@@ -93,9 +97,11 @@ def rewrite_onnx_classifier(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     bgr: bool = False,
+    features: str | None = None,
     log: Callable[[str], None] = print,
 ) -> RewriteReport:
-    """Rewrite an ONNX classifier with a GAP + linear head (float or quantized) into a contract file.
+    """Rewrite an ONNX classifier into a contract file: with its linear head when the head is GAP + linear
+    (float or quantized), else with the gradient of the class score computed inside the graph.
 
     Args:
         src: the classifier (.onnx); it is read, never modified.
@@ -105,6 +111,8 @@ def rewrite_onnx_classifier(
         mean: per-channel mean on the 0..1 scale in the model's channel order (default ImageNet's).
         std: per-channel std on the 0..1 scale in the model's channel order (default ImageNet's).
         bgr: the model takes BGR input (the ImageNet defaults are then given in BGR order).
+        features: the tensor to explain (pytorch-grad-cam's target layer); None: the map before a GAP +
+            linear head, else the last spatial map. Naming one always explains with in-graph gradients.
         log: where the human-readable summary lines go.
 
     Returns:
@@ -137,7 +145,17 @@ def rewrite_onnx_classifier(
     index = GraphIndex(graph)
     path = data_path(index, graph.output[0].name)
     shapes = tensor_shapes(model, path, image_input.name, tests[0], src)
-    head = find_head(index, path, shapes, src)
+    try:
+        head = None if features is not None else find_head(index, path, shapes, src)
+    except InputTooSmall:
+        raise
+    except ExportError:  # not GAP + linear: the gradient methods still explain it
+        head = None
+    if head is None:
+        return _rewrite_graph_head(model, original_bytes, path, shapes, features, image_input.name, tests,
+                                   ModelInfo(labels=("?",), input_size_hw=size_hw, mean=mean_t, std=std_t,
+                                             channel_order=order),
+                                   labels_path, Path(output), src, log)
 
     num_classes, channels = head.weight.shape
     features_shape = shapes[head.features][0]
@@ -187,6 +205,56 @@ def rewrite_onnx_classifier(
         path=Path(output), num_classes=int(num_classes), feature_shape_chw=feature_chw, head_kind=head_kind,
         quantized=head.quantized, logits_max_abs_diff=diff, head_max_abs_error=err, head_error_bound=bound,
     )
+
+
+def _rewrite_graph_head(model: onnx.ModelProto, original_bytes: bytes, path: DataPath, shapes: Shapes,
+                        asked: str | None, input_name: str, tests: list[np.ndarray], base: ModelInfo,
+                        labels_path: str | None, output: Path, src: Path, log: Callable[[str], None]) -> RewriteReport:
+    """A contract file without a linear head: ``features``, ``logits`` and their gradient (see graph_head.py)."""
+    features, logits = explained_tensors(path, shapes, asked, src)
+    model = with_gradient_head(model, features, logits, log, asked=asked is not None)
+    original = _tensor_values(original_bytes, logits, input_name, tests, src)
+    num_classes = int(original[0].shape[-1])
+    try:
+        info = dataclasses.replace(base, labels=default_labels(num_classes, labels_path),
+                                   source=f"{src.name} rewritten by realtime-cam (gradients w.r.t. {features})")
+    except CamError as exc:
+        raise ExportError(str(exc)) from None
+    write_contract(model, info, None, None)
+    session = cpu_session(model.SerializeToString(), src.name)
+    diff = 0.0
+    for x, want in zip(tests, original, strict=True):
+        got_logits, got_features, grads = session.run([LOGITS, FEATURES, GRADS], {input_name: x})
+        if got_features.ndim != 4 or grads.shape != got_features.shape:
+            raise ExportError(f"cannot explain {src.name}: '{features}' is {list(got_features.shape)}, not a map "
+                              "[N, C, h, w]; name another layer with --features")
+        diff = max(diff, float(np.abs(got_logits.reshape(want.shape) - want).max()))
+    if diff > max(float_tolerance(v) for v in original):
+        raise ExportError(f"the rewritten {src.name} gives logits {diff:.3g} away from the original's")
+
+    def verify(saved: Path) -> None:
+        onnx.checker.check_model(str(saved))
+
+    replace_atomically(model, output, verify)
+    c, h, w = (int(v) for v in got_features.shape[1:])
+    log(f"check on seeded random input: logits equal the original model's to {diff:.3g}; features '{features}' "
+        f"[{c}x{h}x{w}], {num_classes} classes")
+    return RewriteReport(path=output, num_classes=num_classes, feature_shape_chw=(c, h, w),
+                         head_kind=f"graph (gradients w.r.t. {features})", quantized=False, logits_max_abs_diff=diff,
+                         head_max_abs_error=0.0, head_error_bound=0.0)
+
+
+def _tensor_values(original_bytes: bytes, tensor: str, input_name: str, tests: list[np.ndarray],
+                   src: Path) -> list[np.ndarray]:
+    """A tensor of the original model on each test batch (exposed as an extra output if need be)."""
+    model = onnx.ModelProto.FromString(original_bytes)
+    if tensor not in {o.name for o in model.graph.output}:
+        model.graph.output.append(onnx.ValueInfoProto(name=tensor))
+    session = cpu_session(model.SerializeToString(), src.name)
+    try:
+        return [session.run([tensor], {input_name: x})[0] for x in tests]
+    except Exception as exc:  # noqa: BLE001 - re-raised; onnxruntime raises its own Fail/InvalidArgument types
+        raise ExportError(f"onnxruntime cannot run {src.name}: {str(exc).splitlines()[0][:300]}") from None
 
 
 # ----------------------------------------------------------------------------- reading the model

@@ -48,6 +48,9 @@ def load_fp32_contract(path: str | os.PathLike) -> tuple[onnx.ModelProto, ModelI
     except Exception as exc:  # protobuf DecodeError, OSError, ...: not an ONNX file
         raise ExportError(f"cannot read {path} as an ONNX model ({str(exc).splitlines()[0][:200]})") from None
     _require_float32(model, path.name)
+    if weight is None:
+        raise ExportError(f"{path.name}: --int8 and --fp16 take models with a GAP + linear head for now; this one is "
+                          "explained with in-graph gradients (export it in float32)")
     return model, info, weight, bias
 
 

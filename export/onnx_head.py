@@ -31,6 +31,10 @@ _NEEDS = ("global average pooling followed by exactly one linear layer (Gemm, Ma
           "optionally a Softmax")
 
 
+class InputTooSmall(ExportError):
+    """The input size leaves a single position before the head's pooling: nothing to localise, any head."""
+
+
 @dataclass
 class Head:
     """What the backward walk found: where the map and the logits are, and the head W, b."""
@@ -93,7 +97,7 @@ def find_head(index: GraphIndex, path: DataPath, shapes: Shapes, src: Path) -> H
 
     too_small = _pooled_map_too_small(chain, shapes)
     if too_small:  # the head is there, but the input leaves nothing to localise: say so, not what is "missing"
-        raise ExportError(f"cannot rewrite {src.name}: {too_small}")
+        raise InputTooSmall(f"cannot rewrite {src.name}: {too_small}")
     if spatial is None or not chain:
         raise refuse("no global average pooling over a feature map")
     pool = chain[0]

@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--std", type=positive_float, nargs=3, default=None,
                         help="--from-onnx: per-channel std on the 0..1 scale (default ImageNet's)")
     export.add_argument("--bgr", action="store_true", help="--from-onnx: the model takes BGR channel order")
+    export.add_argument("--features", default=None, metavar="TENSOR",
+                        help="--from-onnx: the tensor to explain, as pytorch-grad-cam's target layer (default: the "
+                             "map before a GAP + linear head, else the last spatial map); explained with gradients "
+                             "computed inside the graph")
     precision = export.add_mutually_exclusive_group()
     precision.add_argument("--int8", action="store_true",
                            help="write a static int8 model for the CPU (QDQ, per-channel weights, head kept fp32); "
@@ -329,7 +333,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     export_model(
         args.output, arch=args.arch, weights=args.weights, opset=args.opset, from_onnx=args.from_onnx,
         labels=args.labels, input_size_hw=args.input_size, mean=args.mean, std=args.std, bgr=args.bgr,
-        int8=args.int8, fp16=args.fp16, calibrate=args.calibrate, calibration_frames=args.calibration_frames,
+        features=args.features, int8=args.int8, fp16=args.fp16, calibrate=args.calibrate, calibration_frames=args.calibration_frames,
         calibration=args.calibration, check=args.check, log=log.info,
     )
     return EXIT_OK

@@ -5,16 +5,16 @@ MobileNetV2 (float and int8), and torch.autograd."""
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import shared
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import shared
 from realtime_cam.cams import head_gradients
 from realtime_cam.errors import ExportError
 from realtime_cam.export.head_grad import add_gradient_output

@@ -1,0 +1,74 @@
+"""Any classifier head: the explained layer and the gradient of the class score, computed inside the graph.
+
+When the head after the last spatial map is not global average pooling + one linear layer (an MLP, a conv
+classifier before the pooling, max or attention pooling, ...), CAM is not defined, but the gradient methods
+are: the contract file then carries ``features`` (that map, or the tensor ``--features`` names), ``logits``
+and the gradient of one class score with respect to the features (export/head_grad.py), and no linear head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from realtime_cam.contract import FEATURES, GRADS, GRADS_CLASS, LOGITS, TARGET_CLASS
+from realtime_cam.errors import ExportError
+
+from .head_grad import CLASS_OUTPUT, GRADS_OUTPUT, TARGET_INPUT, add_gradient_output
+from .onnx_graph import DataPath, Shapes, prune
+
+_SOFTMAX = ("Softmax", "LogSoftmax")
+
+
+def explained_tensors(path: DataPath, shapes: Shapes, asked: str | None, src: Path) -> tuple[str, str]:
+    """(features, logits) for a graph head: the asked tensor or the last 4-D map with more than one position,
+    and the output (the input of a final Softmax, whose gradient would explain probabilities instead)."""
+    logits = path[0][0]
+    producer = path[0][1]
+    if producer is not None and producer.op_type in _SOFTMAX and producer.input:
+        logits = producer.input[0]
+    if asked is not None:
+        if asked not in shapes and asked not in {t for t, _ in path}:
+            known = any(asked in node.output for _, node in path if node is not None)
+            if not known:
+                raise ExportError(f"--features {asked}: no tensor of that name on the path from {src.name}'s "
+                                  "input to its output")
+        return asked, logits
+    for tensor, _ in path:
+        shape = shapes.get(tensor, ((), 0))[0]
+        if len(shape) == 4 and shape[2] * shape[3] > 1:
+            return tensor, logits
+    raise ExportError(f"cannot explain {src.name}: no 4-D spatial map [N, C, h, w] before its output; name the "
+                      "layer to explain with --features TENSOR")
+
+
+def with_gradient_head(model: onnx.ModelProto, features: str, logits: str, log: Callable[[str], None],
+                       asked: bool = False) -> onnx.ModelProto:
+    """The model with the contract's outputs for a graph head: ``logits``, ``features``, ``grads``,
+    ``grads_class``, and the input ``target_class`` defaulting to -1 (each frame's top-1), so that a run that
+    feeds only the image works."""
+    model = add_gradient_output(model, features, logits)
+    graph = model.graph
+    names = {GRADS_OUTPUT: GRADS, CLASS_OUTPUT: GRADS_CLASS, TARGET_INPUT: TARGET_CLASS}
+    if any(a != b for a, b in names.items()):  # the contract's names are the head builder's
+        raise ExportError("the gradient builder's tensor names differ from the contract's")
+    outputs = {o.name: o for o in graph.output}
+    del graph.output[:]
+    graph.node.append(helper.make_node("Identity", [logits], [LOGITS], name="realtime_cam/logits"))
+    graph.node.append(helper.make_node("Identity", [features], [FEATURES], name="realtime_cam/features"))
+    graph.output.extend([helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["N", "K"]),
+                         helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["N", "C", "h", "w"]),
+                         outputs[GRADS], outputs[GRADS_CLASS]])
+    # A default for the target: ONNX Runtime lets a run override an initializer that is also an input.
+    target = next(i for i in graph.input if i.name == TARGET_CLASS)
+    target.type.tensor_type.shape.dim[0].dim_param = "targets"
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), TARGET_CLASS))
+    prune(graph)
+    why = "as asked" if asked else "the head is not global average pooling + one linear layer"
+    log(f"'{features}' explained with the gradient of the class score computed inside the graph ({why}): "
+        "gradcam, gradcam++, xgradcam, layercam, hirescam and eigencam; no cam")
+    return model
