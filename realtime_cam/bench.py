@@ -33,6 +33,7 @@ from .sinks import NullSink, VideoFileSink
 from .sources import CaptureSource, Frame, open_source
 from .threads import HELPER_CPU, usable_cores
 from .timing import fps_of, median_p95
+from .view import ViewState
 
 Log = Callable[[str], None]
 
@@ -378,7 +379,9 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict:
                     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                     row["inference_resident"] = {"error": reason[:300]}
                     log(f"[{device}] {name}: IO binding did not run ({reason[:300]})")
-                options = RunOptions(batch=batch)
+                # What run shows by default: CAM, or Grad-CAM for a model whose head has no CAM.
+                method = "cam" if "cam" in model.methods else "gradcam"
+                options = RunOptions(batch=batch, view=ViewState(method=method))
                 log(f"[{device}] {name}: loop on frames in memory")
                 row["pipeline"] = bench_pipeline_memory(model, frames, config.warmup, options)
                 log(f"[{device}] {name}: file to file")

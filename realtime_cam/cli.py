@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--class", dest="class_name", default=None, metavar="NAME|ID",
                      help="pin the explained class (a label, a unique prefix of one, or an id) instead of the top-1")
     run.add_argument("--topk", type=positive_int, default=3, help="how many classes to list (n/p step through them)")
-    run.add_argument("--method", choices=list(METHODS), default="cam",
-                     help="map method: " + "; ".join(f"{k}: {m.summary}" for k, m in METHODS.items()))
+    run.add_argument("--method", choices=list(METHODS), default=None,
+                     help="map method (default: cam, or gradcam for a model whose head has no CAM): "
+                          + "; ".join(f"{k}: {m.summary}" for k, m in METHODS.items()))
     run.add_argument("--box", action="store_true", help="draw the paper's localization box (b toggles it)")
     run.add_argument("--box-threshold", type=fraction, default=0.2,
                      help="box rule: keep the map above this fraction of its max, take the largest component")
@@ -275,8 +276,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not model_path.exists():
             _export_missing_default(model_path)
     model = CamModel(model_path, device=args.device)
-    if args.method not in model.methods:
-        raise CamError(f"--method {args.method}: this model cannot give it (its head is not global average "
+    method = args.method or model.methods[0]  # cam where the head has one, else gradcam
+    if method not in model.methods:
+        raise CamError(f"--method {method}: this model cannot give it (its head is not global average "
                        f"pooling + one linear layer); it offers {', '.join(model.methods)}")
     class_id = model.class_id_for(args.class_name) if args.class_name is not None else None
     log.info("model %s (%d classes) on %s", model_path, model.num_classes, model.provider)
@@ -290,7 +292,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     open_file_sink(args.output, source.fps, source.size_wh, source.kind, source.live)))
             window = None if args.no_display else outputs.enter_context(WindowSink(f"realtime-cam: {args.source}"))
             options = RunOptions(
-                view=ViewState(method=args.method, pinned_class=class_id, topk=args.topk, show_box=args.box,
+                view=ViewState(method=method, pinned_class=class_id, topk=args.topk, show_box=args.box,
                                alpha=args.alpha, paused=window is not None and source.kind == "image"),
                 temporal=TemporalOptions(smooth=args.smooth, hysteresis=args.hysteresis, scale=args.scale),
                 colormap=COLORMAPS[args.colormap], box_threshold=args.box_threshold, max_frames=args.max_frames,
@@ -313,7 +315,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     for path in result.snapshots:
         log.info("saved %s", path)
     for sink in sinks:
-        log.info("wrote %s (%d frames)", sink.path, sink.frames_written)
+        if sink.complete:
+            log.info("wrote %s (%d frames)", sink.path, sink.frames_written)
+        else:
+            log.info("%s was not written: no frame was explained", sink.path)
     return EXIT_OK
 
 
@@ -321,8 +326,8 @@ def _report_interrupted(sinks: Sequence) -> None:
     """After Ctrl-C or SIGTERM, once the outputs are closed: what each one holds."""
     for sink in sinks:
         if sink.complete:
-            log.info("%s is finalised with the first %d frames: every frame explained before the interrupt "
-                     "(later ones were not)", sink.path, sink.frames_written)
+            log.info("%s is finalised with %d frames: every frame explained before the interrupt (later ones "
+                     "were not)", sink.path, sink.frames_written)
         elif not sink.frames_written:
             log.info("%s was not written: no frame was explained before the interrupt", sink.path)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .cams import cam
+from .cams import compute_map
 from .errors import CamError
 from .model import CamModel
 
@@ -37,9 +37,13 @@ def fidelity(reference: CamModel, candidate: CamModel, frames_bgr: Iterable[np.n
     """
     agree: list[bool] = []
     correlations: list[float] = []
+    # CAM where both heads allow it, else Grad-CAM (from a head's closed form or the model's own gradients).
+    method = "cam" if "cam" in reference.methods and "cam" in candidate.methods else "gradcam"
     for frame in frames_bgr:
-        logits_ref, features_ref = reference.infer(frame)
-        logits_cand, features_cand = candidate.infer(frame)
+        out_ref = reference.run(reference.prepare(frame)).row(0)
+        out_cand = candidate.run(candidate.prepare(frame)).row(0)
+        (logits_ref, features_ref), (logits_cand, features_cand) = (
+            (o.logits, o.features) for o in (out_ref, out_cand))
         if features_ref.shape != features_cand.shape:
             raise CamError(
                 f"the models' feature maps differ in shape ({list(features_ref.shape)} vs "
@@ -47,10 +51,8 @@ def fidelity(reference: CamModel, candidate: CamModel, frames_bgr: Iterable[np.n
             )
         class_id = int(np.argmax(logits_ref))
         agree.append(int(np.argmax(logits_cand)) == class_id)
-        correlations.append(_pearson(
-            cam(features_ref, reference.head_weight, class_id),
-            cam(features_cand, candidate.head_weight, class_id),
-        ))
+        correlations.append(_pearson(_raw_map(reference, frame, out_ref, class_id, method),
+                                     _raw_map(candidate, frame, out_cand, class_id, method)))
     if not agree:
         raise CamError("fidelity needs at least one frame")
     return {
@@ -61,6 +63,12 @@ def fidelity(reference: CamModel, candidate: CamModel, frames_bgr: Iterable[np.n
         "top1_agree": tuple(agree),
         "map_r": tuple(correlations),
     }
+
+
+def _raw_map(model: CamModel, frame: np.ndarray, out, class_id: int, method: str) -> np.ndarray:
+    source = model.gradient_source(frame, out)
+    grads = source(class_id) if source is not None and method != "cam" else None
+    return compute_map(method, out.features, model.head_weight, class_id, grads_chw=grads)
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:

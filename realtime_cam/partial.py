@@ -15,6 +15,15 @@ from pathlib import Path
 from .errors import SinkError
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import: os.umask can only be read by setting it
+
+
 class PartialFile:
     """The temporary file an output is written to (``tmp``) until :meth:`commit` renames it onto ``path``.
 
@@ -30,6 +39,8 @@ class PartialFile:
         except OSError as exc:
             raise SinkError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         try:
+            # mkstemp makes the file private (0600), and the rename keeps that: give it the mode open() would.
+            os.fchmod(fd, 0o666 & ~_UMASK)
             self._identity = _identity(os.fstat(fd))
         finally:
             os.close(fd)

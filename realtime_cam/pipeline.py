@@ -244,6 +244,7 @@ def _run_headless(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
             if options.max_frames is not None and rate.done >= options.max_frames:
                 stopped_by = "max-frames"
                 break
+        _drain(prefetch, worker)  # in the try: a signal just before it is handled below, draining all the same
     except BaseException as exc:
         # Ctrl-C or an error: still write every frame handed over before the sinks close, and let the
         # first problem be the one reported (a second one from the render thread is only logged).
@@ -253,7 +254,6 @@ def _run_headless(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
             if later is not exc:
                 log.warning("while stopping: %s", later)
         raise
-    _drain(prefetch, worker)
     if rate.done > 1:
         rate.last_at = time.perf_counter()  # the run ends when the last overlay is written
     if progress is not None:
@@ -266,10 +266,11 @@ def _drain(prefetch: Prefetcher, worker: OrderedWorker) -> None:
     """Stop reading ahead and wait until every frame handed to the render thread is drawn and written.
 
     A Ctrl-C or SIGTERM that arrives meanwhile is acted on once they are: interrupted here, the sinks would
-    close under the render thread and lose the frames already explained.
+    close under the render thread and lose the frames already explained. A second one stops waiting (a sink
+    that hangs). Calling it again after it returned does nothing more.
     """
-    prefetch.close()
-    with signals_held():
+    with signals_held(second_aborts=True):
+        prefetch.close()
         worker.finish()
 
 

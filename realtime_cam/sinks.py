@@ -182,19 +182,18 @@ class VideoFileSink(Sink):
         """Flush, finalise the container, and give the file its real name."""
         if self._closed:
             return
-        with signals_held():  # a second Ctrl-C (or SIGTERM) arrives after the file has its name
+        with signals_held():  # a Ctrl-C (or SIGTERM) now is acted on once the container is finalised
             self._queue.put(None)
             self._thread.join()
             self._writer.release()
             self._closed = True
-            if not self.frames_written:
-                self._partial.discard()
-            elif self._error is None:
-                self._finalise()
+        if not self.frames_written:
+            self._partial.discard()
+        elif self._error is None:
+            self._finalise()
         if self._error is not None:
             kept = f"; what was written is left in {self._partial.tmp}" if self._partial.ours() else ""
             raise SinkError(f"writing {self.path} failed: {self._error}{kept}")
-
 
     @property
     def temporary_path(self) -> Path:
@@ -202,59 +201,82 @@ class VideoFileSink(Sink):
         return self._partial.tmp
 
     def _finalise(self) -> None:
-        """Read the finished file back, then give it its name (a one-line error, and the file kept under its
-        temporary name, when it holds fewer frames than were written)."""
+        """Check the finished file, then give it its name (a one-line error, and the file kept under its
+        temporary name, when its last frame does not decode)."""
         tmp = self._partial.tmp
         if self._partial.ours():
             # OpenCV's writer does not report a failed write (a full disk, a file-size limit): it only logs. So
-            # the finished file is decoded before it takes the real name; a container's stated count can lie.
-            decoded = frames_in_file(tmp)
-            if decoded < self.frames_written:
-                found = "no readable video" if decoded < 0 else f"{decoded} of {self.frames_written} frames"
-                raise SinkError(f"writing {self.path} failed: the finished file holds {found} (is the disk "
-                                f"full?); what was written is left in {tmp}")
-        self._partial.commit()  # says so when the temporary file vanished or cannot be renamed
-        self.complete = True
+            # the finished file is read back: its last frame must decode, whatever the container states.
+            try:
+                problem = unreadable_end(tmp, self.frames_written)
+            except KeyboardInterrupt:
+                logging.getLogger("realtime_cam").warning(
+                    "interrupted while checking %s: the video is kept, unchecked, as %s", self.path, tmp)
+                raise
+            if problem:
+                raise SinkError(f"writing {self.path} failed: the finished file {problem} (is the disk full?); "
+                                f"what was written is left in {tmp}")
+        with signals_held():  # a second Ctrl-C (or SIGTERM) is acted on after the file has its name
+            self._partial.commit()  # says so when the temporary file vanished or cannot be renamed
+            self.complete = True
 
 
 @contextlib.contextmanager
-def signals_held() -> Iterator[None]:
+def signals_held(second_aborts: bool = False) -> Iterator[None]:
     """SIGINT and SIGTERM that arrive during the block are acted on when it ends (by their own handlers).
 
     Python runs signal handlers in the main thread whichever thread the signal reaches, so the handlers are
     swapped, not the signal mask. Elsewhere than in the main thread, where handlers cannot be set, it does
     nothing.
+
+    Args:
+        second_aborts: a second signal during the block is acted on at once (for waits that could hang: a
+            user who presses Ctrl-C twice means it).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
     held = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in held}
+
+    def act_on(signum: int, handler: object) -> None:
+        if callable(handler):
+            handler(signum, None)  # Python's own raises KeyboardInterrupt; the CLI's, for SIGTERM, its own
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
+
+    def hold(signum: int, frame: object) -> None:
+        caught.append(signum)
+        if second_aborts and len(caught) > 1:
+            restore()
+            act_on(signum, previous[signum])
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    previous = {signum: signal.signal(signum, hold) for signum in held}
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if caught:
-            handler = previous[caught[0]]
-            if callable(handler):
-                handler(caught[0], None)  # Python's own raises KeyboardInterrupt; the CLI's, for SIGTERM, its own
-            elif handler == signal.SIG_DFL:
-                os.kill(os.getpid(), caught[0])
+        restore()
+        if len(caught) == 1 or (caught and not second_aborts):
+            act_on(caught[0], previous[caught[0]])
 
 
-def frames_in_file(path: Path) -> int:
-    """How many frames of a video file decode (-1: it does not open as a video), read quietly."""
+def unreadable_end(path: Path, frames: int) -> str | None:
+    """Why a video file written with ``frames`` frames does not hold them all (None when it does): it does
+    not open, or its last frame does not decode (a container can state frames it does not hold). Seeking
+    to the last frame costs the same for a long file as for a short one."""
     with opencv_quiet():
         cap = cv2.VideoCapture(str(path))
         try:
             if not cap.isOpened():
-                return -1
-            count = 0
-            while cap.grab():
-                count += 1
-            return count
+                return "is no readable video"
+            cap.set(cv2.CAP_PROP_POS_FRAMES, max(0, frames - 1))
+            if not cap.grab():
+                return f"does not decode up to its frame {frames}"
+            return None
         finally:
             cap.release()
 

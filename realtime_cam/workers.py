@@ -140,7 +140,8 @@ class OrderedWorker(Generic[Item]):
         self._queue.put(item)
 
     def finish(self) -> None:
-        """Wait for every submitted item to be handled; raise the worker's error, if any."""
-        self._queue.put(None)
-        self._thread.join()
+        """Wait for every submitted item to be handled; raise the worker's error, if any. Idempotent."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
         self.check()

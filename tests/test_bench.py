@@ -180,3 +180,24 @@ def test_bench_refuses_too_many_frames_after_decoding_only_the_first(monkeypatch
     with pytest.raises(CamError, match="use a smaller --frames"):
         bench.load_frames(str(shared("videos", "bottle-detection.mp4")), 1000)
     assert len(decoded) == 1
+
+
+def test_bench_runs_a_model_whose_head_has_no_cam(tmp_path, capsys):
+    """A 'graph' head (explained with in-graph gradients): bench times it with gradcam, and compares maps of
+    one kind in its fidelity row."""
+    import onnx
+    from synthetic import tiny_contract_model
+
+    from realtime_cam.export.from_onnx import rewrite_onnx_classifier
+
+    plain = tmp_path / "plain.onnx"
+    model = tiny_contract_model()
+    del model.graph.output[1:]  # the logits only: an ordinary classifier, whose map --features names
+    onnx.save(model, str(plain))
+    graph_model = tmp_path / "graph.onnx"
+    rewrite_onnx_classifier(plain, graph_model, features="features", log=lambda _: None)
+    out_json = tmp_path / "b.json"
+    assert main(["bench", "--model", str(graph_model), "--model", str(graph_model), "--device", "cpu",
+                 "--frames", "8", "--warmup", "2", "--batch", "2", "--no-seed", "--json", str(out_json)]) == 0
+    rows = json.loads(out_json.read_text())["results"]
+    assert rows[0]["pipeline"]["fps"] > 0 and rows[1]["fidelity_vs_first"]["map_r_median"] > 0.99

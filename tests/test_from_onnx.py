@@ -439,6 +439,7 @@ def test_heads_without_a_cam_are_explained_by_in_graph_gradients(tmp_path, name)
     assert main(["run", "--model", str(report.path), "--source", str(image), "--no-display", "--method", "cam"]) == 2
     assert main(["run", "--model", str(report.path), "--source", str(image), "--no-display",
                  "--method", "layercam", "--output", str(tmp_path / "o.png")]) == 0
+    assert main(["run", "--model", str(report.path), "--source", str(image), "--no-display"]) == 0  # gradcam
 
 
 def _gemm_head(num_classes: int = 3, channels: int = 4, map_name: str = "map") -> tuple[list, list]:
