@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -445,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
         debug = args.debug
         _configure_logging()
+        if not debug:  # FFmpeg's own error lines ("moov atom not found") beside ours; read when FFmpeg first runs
+            os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "0")
         from . import sources
 
         sources.QUIET_OPENCV_ON_OPEN = not args.debug

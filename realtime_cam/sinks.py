@@ -153,7 +153,8 @@ class VideoFileSink(Sink):
                     continue  # keep draining so a blocked write() returns; the error surfaces there
                 try:
                     t0 = time.perf_counter()
-                    self._writer.write(image)
+                    with opencv_quiet():  # a failed write (a full disk) is logged per frame; the read-back says it once
+                        self._writer.write(image)
                     self.encode_ms.append((time.perf_counter() - t0) * 1000.0)
                     self.frames_written += 1
                 except BaseException as exc:

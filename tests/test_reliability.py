@@ -305,6 +305,9 @@ def test_a_video_the_disk_could_not_hold_is_an_error_not_a_success(mnv2_int8_onn
                            "--max-frames", "150"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "wrote" not in done.stderr
+    # Neither OpenCV's warning per failed frame nor FFmpeg's own lines ("moov atom not found") beside ours.
+    foreign = [line for line in done.stderr.splitlines() if "WARN" in line or line.startswith("[")]
+    assert not foreign, foreign[:3]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"realtime-cam: error: writing {out} failed: ")
     # What was written is kept, under the name that says it is unfinished (one of this run's own).
