@@ -22,7 +22,7 @@ from .overlay import OverlayStyle, render
 from .progress import Progress
 from .sinks import Sink, SnapshotSink, WindowSink, signals_held
 from .temporal import TemporalOptions, TemporalState, flicker
-from .threads import single_threaded_opencv
+from .threads import single_threaded_blas, single_threaded_opencv
 from .timing import STAGES, Rate, StageTimes
 from .types import Frame, Prediction
 from .view import KEY_HELP, QUIT, RECORD, SNAPSHOT, ViewState, handle_key
@@ -187,10 +187,11 @@ def run_loop(
     happens here, one frame at a time, because window calls must stay on the main thread and keys (see
     ``view.KEY_HELP``) change what the next frame shows.
     """
-    if window is None:
-        with single_threaded_opencv():  # its pool would compete with inference for the same cores
-            return _run_headless(model, frames, sinks, options, progress)
-    return _run_windowed(model, frames, sinks, window, options, progress)
+    with single_threaded_blas():  # the maps' small products gain nothing from BLAS threads, inference loses
+        if window is None:
+            with single_threaded_opencv():  # its pool would compete with inference for the same cores
+                return _run_headless(model, frames, sinks, options, progress)
+        return _run_windowed(model, frames, sinks, window, options, progress)
 
 
 class _Renderer:
