@@ -14,7 +14,7 @@ from realtime_cam import CamModel, threads
 from realtime_cam.pipeline import RunOptions, run_loop
 from realtime_cam.sinks import Sink
 from realtime_cam.sources import Frame, file_decode_params, open_source
-from realtime_cam.timing import Rate
+from realtime_cam.timing import Pacer, Rate
 from realtime_cam.view import ViewState
 
 
@@ -270,3 +270,13 @@ def test_numpys_blas_runs_one_thread_during_a_run_and_comes_back(tiny, windowed)
             run_loop(tiny, numbered_frames(3), sinks=[spy], options=options)
         assert spy.seen == {("MainThread" if windowed else "render", (1,) * len(before))}
         assert blas_threads() == before
+
+
+def test_pacing_goes_on_at_the_files_rate_after_a_pause():
+    pacer = Pacer(10.0)
+    assert pacer.wait(100.0) == 0.0
+    assert pacer.wait(100.02) == pytest.approx(0.08)       # the next frame's slot is 0.1 s after the first
+    assert pacer.wait(100.2) == pytest.approx(0.0)         # a little late: no wait, the slots stay
+    assert pacer.wait(100.25) == pytest.approx(0.05)
+    assert pacer.wait(110.0) == 0.0                        # after a 10 s pause: start again from here ...
+    assert pacer.wait(110.01) == pytest.approx(0.09)       # ... instead of 100 frames with no wait at all
