@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "probabilities (0 = off); the map's average restarts when the explained class or the "
                           "method changes")
     run.add_argument("--hysteresis", type=positive_int, default=3, metavar="N",
-                     help="the shown top-1 changes only after another class led N frames in a row (1 = off)")
+                     help="the explained top-1 changes only after another class led N frames in a row (1 = off); "
+                          "meanwhile it is marked [held] and the list stays ranked by probability")
     run.add_argument("--scale", choices=SCALES, default="frame",
                      help="map colours: per-frame min-max, or a slowly decaying running max (no 'breathing')")
     run.add_argument("--colormap", choices=sorted(COLORMAPS), default="jet", help="OpenCV colormap")

@@ -104,10 +104,13 @@ def draw_text_lines(image: np.ndarray, lines: Sequence[str], origin_xy: tuple[in
 
 
 def prediction_lines(prediction: Prediction) -> list[str]:
-    """The explained class first ('tabby 81.2%'), then the top-k ranking with the explained one marked."""
+    """The explained class first ('tabby 81.2%', with [pinned] or [held]), then the top-k ranked by
+    probability with the explained one marked '>'."""
     head = f"{prediction.label} {prediction.probability * 100:.1f}%"
     if prediction.pinned:
         head += " [pinned]"
+    elif prediction.held:
+        head += " [held]"
     if prediction.method != "cam":
         head += f" ({prediction.method})"
     lines = [head]
