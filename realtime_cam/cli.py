@@ -283,6 +283,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                        f"pooling + one linear layer); it offers {', '.join(model.methods)}")
     class_id = model.class_id_for(args.class_name) if args.class_name is not None else None
     log.info("model %s (%d classes) on %s", model_path, model.num_classes, model.provider)
+    if class_id is not None:  # a prefix or an id may name another class than the user thinks
+        typed, label = args.class_name.strip(), model.labels[class_id]
+        how = "" if typed.lower() in (label.lower(), str(class_id)) else f" (the one label that starts with {typed!r})"
+        log.info("--class %s: explaining class %d, %r, on every frame%s", typed, class_id, label, how)
 
     sinks: list = []
     try:
