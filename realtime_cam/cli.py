@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                     + "\n".join(f"  {k:8} {v}" for k, v in KEY_HELP.items()),
     )
     run.add_argument("--model", type=Path, default=None,
-                     help=f"realtime-cam model file (default: {default_model_path()}, exported on first use "
-                          "when the export extra is installed)")
+                     help=f"realtime-cam model file (default: {default_model_path()}, exported from torchvision's "
+                          "pretrained resnet18 on first use)")
     run.add_argument("--source", default="0",
                      help="webcam index, video file, image file, or a URL OpenCV opens (rtsp://, http://)")
     run.add_argument("--reconnect", type=non_negative_int, default=3, metavar="N",
