@@ -1,8 +1,9 @@
 """`realtime-cam bench`: frames per second on CPU vs GPU, measured in one run, reported as ratios.
 
 For each model and each device that really runs it: inference alone, the whole loop on frames held in
-memory, and file to file (decode thread -> loop -> encode thread); per-stage median/p95; and, when torch
-is installed, the seed approach (PyTorch eager forward + numpy CAM + OpenCV overlay) as a baseline.
+memory, and file to file (decode thread -> loop -> encode thread); per-stage median/p95; each map method's
+CPU time per frame against cam's; and, when torch is installed, the seed approach (PyTorch eager forward +
+numpy CAM + OpenCV overlay) as a baseline (the report says when it was left out, and why).
 Models after the first are also compared with the first for fidelity (top-1 agreement, map Pearson r).
 FPS over N frames is (N - 1) / (t_last - t_first), after a warm-up.
 """
@@ -48,7 +49,8 @@ class BenchConfig:
         devices: "cpu" and/or "cuda"; a device that cannot run is reported as skipped.
         frames: frames per measurement (after the warm-up).
         warmup: frames run before each measurement and not timed.
-        seed_baseline: also time the seed approach (needs torch; skipped without it).
+        seed_baseline: also time the seed approach (needs torch; left out without it, and the report
+            says so).
         batch: frames per inference call in the loop and file measurements, as ``run`` batches a file;
             inference alone is measured both frame by frame and at this batch.
     """
@@ -153,6 +155,10 @@ class _CpuMeter:
         self._seconds = time.process_time() - self._start
         self._helpers = HELPER_CPU.take()
 
+    @property
+    def seconds(self) -> float:
+        return self._seconds
+
     def per_frame(self, frames: int) -> dict[str, float]:
         return cpu_per_frame(self._seconds, self._helpers, frames)
 
@@ -245,6 +251,42 @@ def bench_pipeline_memory(model: CamModel, frames: list[np.ndarray], warmup: int
     return {"fps": result.fps, "stages": result.stage_ms, "cpu_ms_per_frame": cpu.per_frame(result.frames)}
 
 
+# The per-method measurement: this many frames for each method, in rounds that take the methods in turn, so
+# that a machine that gets busier or quieter meanwhile moves every method alike.
+METHOD_FRAMES = 100
+METHOD_ROUNDS = 4
+
+
+def bench_methods(model: CamModel, frames: list[np.ndarray], warmup: int, options: RunOptions) -> dict:
+    """The process's CPU milliseconds per frame for each map method the model offers, the loop running on
+    frames in memory, and as a ratio of the reference method's (``options.view.method``: cam, or gradcam
+    for a head without CAM). At most METHOD_FRAMES frames each, after a short warm-up each."""
+    reference = options.view.method
+    order = [reference, *[m for m in model.methods if m != reference]]
+    views = {m: replace(options, view=replace(options.view, method=m)) for m in order}
+    timed = frames[warmup:warmup + METHOD_FRAMES]
+    seconds, counted = dict.fromkeys(order, 0.0), dict.fromkeys(order, 0)
+
+    def loop(method: str, images: list[np.ndarray]) -> int:
+        frames_in = (Frame(i, image, 0.0) for i, image in enumerate(images))
+        return run_loop(model, frames_in, sinks=[NullSink()], options=views[method]).frames
+
+    for method in order:
+        loop(method, frames[:min(warmup, 10)])
+    size = -(-len(timed) // METHOD_ROUNDS)
+    for round_ in range(METHOD_ROUNDS):
+        part = timed[round_ * size:(round_ + 1) * size]
+        for method in order if round_ % 2 == 0 else order[::-1]:
+            if part:
+                with _CpuMeter() as cpu:
+                    counted[method] += loop(method, part)
+                seconds[method] += cpu.seconds
+    per_frame = {m: 1000.0 * seconds[m] / max(1, counted[m]) for m in order}
+    results = {m: {"cpu_ms_per_frame": per_frame[m], "cpu_ratio": per_frame[m] / per_frame[reference]}
+               for m in order}
+    return {"reference": reference, "frames": counted[reference], "results": results}
+
+
 def bench_file_to_file(model: CamModel, source: str, count: int, out_dir: Path, options: RunOptions) -> dict:
     """Source file -> loop -> mp4, as `realtime-cam run --no-display --output` does it.
 
@@ -265,15 +307,26 @@ def bench_file_to_file(model: CamModel, source: str, count: int, out_dir: Path, 
             "cpu_ms_per_frame": cpu.per_frame(result.frames)}
 
 
-def bench_seed(model: CamModel, frames: list[np.ndarray], device: str, warmup: int) -> dict | None:
-    """The seed approach as a baseline (PyTorch): None when torch/torchvision are not installed.
+def seed_left_out() -> str | None:
+    """Why the seed approach cannot run here (torch or torchvision missing or broken), or None when it can.
 
     It lives with the export step (realtime_cam.export.seed_baseline), the only part that uses torch.
     """
     try:
-        from .export.seed_baseline import time_seed_approach
-    except Exception:  # not installed, or a torch/torchvision pair that does not import together
-        return None
+        from .export import seed_baseline  # noqa: F401 - imported to see whether torch imports
+    except ImportError as exc:
+        return f"{exc.name or 'torch'} is not installed"
+    except Exception as exc:  # e.g. a torchvision built for another torch
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        return f"torch/torchvision do not import together ({first})"
+    return None
+
+
+def bench_seed(model: CamModel, frames: list[np.ndarray], device: str, warmup: int) -> dict | None:
+    """The seed approach as a baseline (PyTorch), where :func:`seed_left_out` says it can run; None when the
+    device is cuda and torch sees no GPU."""
+    from .export.seed_baseline import time_seed_approach
+
     return time_seed_approach(model.info.input_size_hw, model.info.mean, model.info.std, frames, device, warmup)
 
 
@@ -384,6 +437,8 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict:
                 options = RunOptions(batch=batch, view=ViewState(method=method))
                 log(f"[{device}] {name}: loop on frames in memory")
                 row["pipeline"] = bench_pipeline_memory(model, frames, config.warmup, options)
+                log(f"[{device}] {name}: loop on frames in memory with each map method")
+                row["methods"] = bench_methods(model, frames, config.warmup, options)
                 log(f"[{device}] {name}: file to file")
                 row["file_to_file"] = bench_file_to_file(model, source, config.frames, tmp_dir, options)
                 row["ratios"] = {"file_to_file_vs_inference": row["file_to_file"]["fps"] / row["inference"]["fps"]}
@@ -402,11 +457,19 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict:
                 report["results"].append(row)
                 ran = model
             # After this device's models: importing torch starts thread pools that would disturb ORT's timings.
-            if config.seed_baseline and ran is not None:
-                log(f"[{device}] seed approach (PyTorch eager + numpy CAM + OpenCV overlay)")
-                seed = bench_seed(ran, frames, device, config.warmup)
+            if ran is not None:
+                why = seed_left_out() if config.seed_baseline else "--no-seed"
+                seed = None
+                if why is None:
+                    log(f"[{device}] seed approach (PyTorch eager + numpy CAM + OpenCV overlay)")
+                    seed = bench_seed(ran, frames, device, config.warmup)
+                    why = None if seed is not None else "torch sees no CUDA device"
                 if seed is not None:
                     report.setdefault("seed_baseline", {})[device] = seed
+                else:
+                    report.setdefault("seed_baseline_left_out", {})[device] = why
+                    if config.seed_baseline:
+                        log(f"[{device}] seed approach left out: {why}")
             reference = None
         for row in report["results"]:
             seed = report.get("seed_baseline", {}).get(row["device"])
@@ -438,12 +501,23 @@ def format_table(report: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    left_out: dict[str, list[str]] = {}
+    for device, why in report.get("seed_baseline_left_out", {}).items():
+        left_out.setdefault(why, []).append(device)
+    lines += [f"seed baseline left out: {why} ({', '.join(devices)})" for why, devices in left_out.items()]
     stage_lines = []
     for r in report["results"]:
         stages = {**r["pipeline"]["stages"], **{k: v for k, v in r["file_to_file"]["stages"].items()
                                                  if k in ("decode", "encode")}}
         parts = [f"{k} {v['median_ms']:.2f}/{v['p95_ms']:.2f}" for k, v in stages.items() if k != "wait"]
         stage_lines.append(f"  {Path(r['model']).name} [{r['device']}] ms median/p95: " + ", ".join(parts))
+        methods = r.get("methods")
+        if methods:
+            stage_lines.append(
+                f"  {Path(r['model']).name} [{r['device']}] CPU ms per frame by method, loop "
+                f"(x {methods['reference']}'s): "
+                + ", ".join(f"{m} {v['cpu_ms_per_frame']:.2f} ({v['cpu_ratio']:.2f})"
+                            for m, v in methods["results"].items()))
         cpu = r["file_to_file"].get("cpu_ms_per_frame")
         if cpu:
             stage_lines.append(f"  {Path(r['model']).name} [{r['device']}] CPU ms per frame, file to file: "

@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                     + "\n".join(f"  {k:8} {v}" for k, v in KEY_HELP.items()),
     )
     run.add_argument("--model", type=Path, default=None,
-                     help=f"realtime-cam model file (default: {default_model_path()}, exported on first use "
-                          "when the export extra is installed)")
+                     help=f"realtime-cam model file (default: {default_model_path()}, exported from torchvision's "
+                          "pretrained resnet18 on first use)")
     run.add_argument("--source", default="0",
                      help="webcam index, video file, image file, or a URL OpenCV opens (rtsp://, http://)")
     run.add_argument("--reconnect", type=non_negative_int, default=3, metavar="N",
@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "probabilities (0 = off); the map's average restarts when the explained class or the "
                           "method changes")
     run.add_argument("--hysteresis", type=positive_int, default=3, metavar="N",
-                     help="the shown top-1 changes only after another class led N frames in a row (1 = off)")
+                     help="the explained top-1 changes only after another class led N frames in a row (1 = off); "
+                          "meanwhile it is marked [held] and the list stays ranked by probability")
     run.add_argument("--scale", choices=SCALES, default="frame",
                      help="map colours: per-frame min-max, or a slowly decaying running max (no 'breathing')")
     run.add_argument("--colormap", choices=sorted(COLORMAPS), default="jet", help="OpenCV colormap")
@@ -283,6 +284,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                        f"pooling + one linear layer); it offers {', '.join(model.methods)}")
     class_id = model.class_id_for(args.class_name) if args.class_name is not None else None
     log.info("model %s (%d classes) on %s", model_path, model.num_classes, model.provider)
+    if class_id is not None:  # a prefix or an id may name another class than the user thinks
+        typed, label = args.class_name.strip(), model.labels[class_id]
+        how = "" if typed.lower() in (label.lower(), str(class_id)) else f" (the one label that starts with {typed!r})"
+        log.info("--class %s: explaining class %d, %r, on every frame%s", typed, class_id, label, how)
 
     sinks: list = []
     try:

@@ -26,7 +26,8 @@ class Request:
         method: a key of ``realtime_cam.cams.METHODS``.
         class_id: explain this class (pinned) instead of the ranking's choice.
         topk: how many classes ``Prediction.topk`` lists.
-        rank: which of the top-k to explain when no class is given (0: the top-1).
+        rank: which of the top-k to explain when no class is given (0: the top-1, or the class hysteresis
+            holds; 1 and up: that place in the list ranked by probability).
     """
 
     method: str = "cam"
@@ -51,8 +52,9 @@ def explain(
         features_chw: [C, h, w] for this frame.
         head_weight_kc: the linear head's weight [K, C].
         labels: K class names.
-        temporal: a video's history: smooths probabilities and maps over frames and holds the shown top-1
-            (hysteresis); None treats the frame on its own (and None is returned for it).
+        temporal: a video's history: smooths probabilities and maps over frames and holds the explained top-1
+            (hysteresis: ``Prediction.held``; the top-k list stays ranked by probability); None treats the frame
+            on its own (and None is returned for it).
         gradients: d logits[c] / d features [C, h, w] for a class c, from the model's gradient output (a head
             that is not GAP + linear); None: the closed form of the GAP + linear head.
     """
@@ -61,17 +63,18 @@ def explain(
     probabilities = softmax(logits)
     if temporal is not None:
         probabilities, temporal = smooth_probabilities(temporal, probabilities)
-    ranking = [int(i) for i in top_k_ids(probabilities, request.topk)]
-    if temporal is not None:
-        leader, temporal = hold_leader(temporal, probabilities)
-        if ranking[0] != leader:  # hysteresis keeps the shown top-1 until a challenger has led long enough
-            ranking = [leader, *[i for i in ranking if i != leader]][: len(ranking)]
+    ranking = [int(i) for i in top_k_ids(probabilities, request.topk)]  # always by probability
+    top = ranking[0]
+    if temporal is not None:  # hysteresis keeps the explained top-1 until a challenger has led long enough
+        top, temporal = hold_leader(temporal, probabilities)
     pinned = request.class_id is not None
     if pinned:
         class_id = int(request.class_id)
         check_class_id(class_id, len(labels))
+    elif request.rank <= 0:
+        class_id = top
     else:
-        class_id = ranking[min(max(0, request.rank), len(ranking) - 1)]
+        class_id = ranking[min(request.rank, len(ranking) - 1)]
     needs_grads = METHODS[request.method].needs == "grads" and gradients is not None
     raw = compute_map(request.method, features_chw, head_weight_kc, class_id,
                       grads_chw=gradients(class_id) if needs_grads else None)
@@ -89,5 +92,6 @@ def explain(
         method=request.method,
         probabilities=probabilities,
         pinned=pinned,
+        held=not pinned and request.rank <= 0 and class_id != ranking[0],
     )
     return prediction, temporal

@@ -22,8 +22,8 @@ from .overlay import OverlayStyle, render
 from .progress import Progress
 from .sinks import Sink, SnapshotSink, WindowSink, signals_held
 from .temporal import TemporalOptions, TemporalState, flicker
-from .threads import single_threaded_opencv
-from .timing import STAGES, Rate, StageTimes
+from .threads import single_threaded_blas, single_threaded_opencv
+from .timing import STAGES, Pacer, Rate, StageTimes
 from .types import Frame, Prediction
 from .view import KEY_HELP, QUIT, RECORD, SNAPSHOT, ViewState, handle_key
 from .workers import OrderedWorker, Prefetcher
@@ -53,8 +53,8 @@ class RunOptions:
         record_fps: frame rate written into recordings started with ``r``.
         live_source: the frames come from a camera or stream: the HUD shows capture-to-display latency and
             recordings started with ``r`` are written in real time (see ``VideoFileSink(real_time=True)``).
-        pace_fps: with a window, show frames no faster than this (a video file plays at its own speed);
-            0 shows them as fast as they are explained. Headless runs never wait.
+        pace_fps: with a window, show frames no faster than this (a video file plays at its own speed, and
+            after a pause goes on at it); 0 shows them as fast as they are explained. Headless runs never wait.
         batch: frames a headless run on a file sends through the network at once (fewer, larger inference
             calls: more frames per second from the same cores); a model with a fixed batch size takes what
             it can. Live sources and windowed runs go one frame at a time, so that nothing waits for frames.
@@ -187,10 +187,11 @@ def run_loop(
     happens here, one frame at a time, because window calls must stay on the main thread and keys (see
     ``view.KEY_HELP``) change what the next frame shows.
     """
-    if window is None:
-        with single_threaded_opencv():  # its pool would compete with inference for the same cores
-            return _run_headless(model, frames, sinks, options, progress)
-    return _run_windowed(model, frames, sinks, window, options, progress)
+    with single_threaded_blas():  # the maps' small products gain nothing from BLAS threads, inference loses
+        if window is None:
+            with single_threaded_opencv():  # its pool would compete with inference for the same cores
+                return _run_headless(model, frames, sinks, options, progress)
+        return _run_windowed(model, frames, sinks, window, options, progress)
 
 
 class _Renderer:
@@ -283,6 +284,7 @@ def _run_windowed(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
     latency_ms = 0.0
     stopped_by = "end"
     shown: Shown | None = None
+    pacer = Pacer(options.pace_fps) if options.pace_fps > 0 else None
     t_prev = time.perf_counter()
     with SnapshotSink(options.snapshot_dir, options.record_fps, real_time=options.live_source) as snapshots:
         for frame in frames:
@@ -305,8 +307,8 @@ def _run_windowed(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
             if progress is not None:
                 progress.update(rate.done, rate.fps)
             key = window.last_key
-            if options.pace_fps > 0:  # wait out the frame's slot, serving keys meanwhile
-                remaining_ms = int((rate.first_at + (rate.done - 1) / options.pace_fps - time.perf_counter()) * 1000)
+            if pacer is not None:  # wait out the frame's slot, serving keys meanwhile
+                remaining_ms = int(pacer.wait(time.perf_counter()) * 1000)
                 if remaining_ms > 1:
                     waited = window.wait_key(remaining_ms)
                     key = key if waited < 0 else waited

@@ -326,7 +326,8 @@ class SnapshotSink(Sink):
             raise SinkError(f"cannot write a snapshot into {self.folder}")
         np.save(stem.with_suffix(".npy"), prediction.cam)
         meta = {"frame": frame.index, "class_id": prediction.class_id, "label": prediction.label,
-                "probability": prediction.probability, "pinned": prediction.pinned, "method": prediction.method,
+                "probability": prediction.probability, "pinned": prediction.pinned, "held": prediction.held,
+                "method": prediction.method,
                 "topk": [{"class_id": c, "label": name, "probability": p} for c, name, p in prediction.topk],
                 "box_xyxy": list(box) if box is not None else None}
         stem.with_suffix(".json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -354,7 +355,8 @@ class SnapshotSink(Sink):
 
 
 class WindowSink(Sink):
-    """An OpenCV window. All its calls must stay on the main thread.
+    """An OpenCV window showing frames at their own size, without Qt's toolbar. All its calls must stay on the
+    main thread.
 
     ``write`` shows a frame and polls the keyboard; the last key is in :attr:`last_key` (-1 for none).
     :attr:`closed` is True once the user closed the window with its X button.
@@ -366,7 +368,8 @@ class WindowSink(Sink):
         # directory ..."); the window draws no text of its own. A user's QT_LOGGING_RULES wins.
         os.environ.setdefault("QT_LOGGING_RULES", "default.warning=false")
         try:
-            cv2.namedWindow(title, cv2.WINDOW_NORMAL | cv2.WINDOW_KEEPRATIO)
+            # No Qt toolbar or status bar: they took room from the image, which was shrunk (and blurred) to fit.
+            cv2.namedWindow(title, cv2.WINDOW_NORMAL | cv2.WINDOW_KEEPRATIO | cv2.WINDOW_GUI_NORMAL)
         except cv2.error as exc:
             raise SinkError(
                 f"cannot open a window ({str(exc).strip().splitlines()[-1]}); "

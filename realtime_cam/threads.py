@@ -95,6 +95,35 @@ def single_threaded_opencv() -> Iterator[None]:
         yield
 
 
+def _blas_threads() -> list[dict]:
+    """threadpoolctl's description of each BLAS library loaded in the process (numpy's OpenBLAS, ...)."""
+    from threadpoolctl import threadpool_info
+
+    return [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def _limit_blas(limits: int | list[dict]) -> None:
+    """Every BLAS library at ``limits`` threads, or each back at its own count in a list from _blas_threads."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits, user_api="blas")
+
+
+_BLAS_ONE_THREAD = ProcessWideOverride(_blas_threads, _limit_blas, 1)
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """numpy's BLAS at one thread while a run explains frames.
+
+    The maps' matrix products are small (eigencam's Gram matrix is [hw, hw]); BLAS threads of their own only
+    fight inference for the cores: eigencam ran at 21 FPS instead of 146 with them, on 2 cores. OpenBLAS's
+    setting is process-wide: it comes back, as it was, when the last run ends.
+    """
+    with _BLAS_ONE_THREAD.held():
+        yield
+
+
 class HelperCpu:
     """CPU time used by the helper threads (capture, preprocess, render, encode), per role, in seconds.
 

@@ -70,3 +70,22 @@ class Rate:
     @property
     def fps(self) -> float:
         return rate(self.done, self._first_count, self.first_at, self.last_at)
+
+
+class Pacer:
+    """Slots at a video file's own frame rate, for showing it in a window at its speed.
+
+    A frame shown more than a slot after its own (after a pause, or a slow stretch) starts the slots again
+    from itself: the video goes on at its own rate instead of playing fast until it has caught up.
+    """
+
+    def __init__(self, fps: float) -> None:
+        self.interval = 1.0 / fps
+        self._due: float | None = None
+
+    def wait(self, now: float) -> float:
+        """Seconds to wait, a frame having been shown at ``now``, before the next one is read."""
+        self._due = now if self._due is None else self._due + self.interval
+        if now - self._due > self.interval:
+            self._due = now
+        return max(0.0, self._due - now)

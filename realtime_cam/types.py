@@ -30,14 +30,18 @@ class Prediction:
     """What the model says about one frame, and where it looked.
 
     Attributes:
-        class_id: the explained class (the top-1 unless a class was asked for).
+        class_id: the explained class: the top-1, unless a class was asked for or hysteresis holds an earlier
+            top-1 (``held``).
         label: its name.
         probability: its softmax probability.
-        topk: the k most probable classes as (class_id, label, probability), most probable first.
+        topk: the k most probable classes as (class_id, label, probability), most probable first, whatever
+            class is explained (a held or pinned one may be further down, or not among them).
         cam: float32 [h, w] at feature resolution, min-max normalised to [0, 1].
         method: the map method used (a key of ``realtime_cam.cams.METHODS``).
         probabilities: float32 [K] softmax over all classes (smoothed over time in a smoothed run).
         pinned: True when the class was chosen by the user rather than by the ranking.
+        held: True when the explained class is the top-1 that hysteresis keeps although another class (topk's
+            first) is more probable on this frame.
     """
 
     class_id: int
@@ -48,3 +52,4 @@ class Prediction:
     method: str = "cam"
     probabilities: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.float32))
     pinned: bool = False
+    held: bool = False

@@ -12,6 +12,7 @@ from conftest import needs_shared, shared
 
 from realtime_cam import bench
 from realtime_cam.bench import source_revision
+from realtime_cam.cams import METHODS
 from realtime_cam.cli import main
 
 
@@ -201,3 +202,23 @@ def test_bench_runs_a_model_whose_head_has_no_cam(tmp_path, capsys):
                  "--frames", "8", "--warmup", "2", "--batch", "2", "--no-seed", "--json", str(out_json)]) == 0
     rows = json.loads(out_json.read_text())["results"]
     assert rows[0]["pipeline"]["fps"] > 0 and rows[1]["fidelity_vs_first"]["map_r_median"] > 0.99
+
+
+def test_bench_reports_each_methods_cpu_per_frame_against_cams(tiny_onnx, tmp_path, capsys):
+    """eigencam cost 3-7x cam's CPU when numpy's BLAS threads fought inference; bench now shows each method's
+    cost (the figure, not a timing assertion) and says why the seed baseline is missing."""
+    out_json = tmp_path / "b.json"
+    assert main(["bench", "--model", str(tiny_onnx), "--device", "cpu", "--frames", "10", "--warmup", "2",
+                 "--batch", "1", "--no-seed", "--json", str(out_json)]) == 0
+    report = json.loads(out_json.read_text())
+    methods = report["results"][0]["methods"]
+    assert methods["reference"] == "cam" and set(methods["results"]) == set(METHODS)
+    for figures in methods["results"].values():
+        assert figures["cpu_ms_per_frame"] > 0
+        assert figures["cpu_ratio"] == pytest.approx(figures["cpu_ms_per_frame"]
+                                                     / methods["results"]["cam"]["cpu_ms_per_frame"])
+    assert methods["results"]["cam"]["cpu_ratio"] == 1.0
+    assert report["seed_baseline_left_out"] == {"cpu": "--no-seed"} and "seed_baseline" not in report
+    table = capsys.readouterr().out
+    assert "CPU ms per frame by method" in table and "eigencam" in table
+    assert "seed baseline left out: --no-seed (cpu)" in table

@@ -65,6 +65,18 @@ def test_image_source_to_image_output(tiny_onnx, tmp_path, capsys):
     assert "realtime-cam: 1 frame; last: " in capsys.readouterr().err  # no frame rate for a single frame
 
 
+def test_a_class_given_by_a_prefix_says_which_class_it_chose(tiny_onnx, tmp_path, capsys):
+    """`--class bottle` pinned 'bottlecap' without a word."""
+    photo = write_photo(tmp_path / "photo.png", (160, 120))
+    from realtime_cam import CamModel
+
+    assert CamModel(tiny_onnx, device="cpu").class_id_for("bottle") == 455  # the API stays silent
+    assert capsys.readouterr().err == ""
+    assert main(["run", "--model", str(tiny_onnx), "--source", str(photo), "--no-display", "--class", "bottle"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "bottlecap" in line]
+    assert len(lines) == 2 and "--class bottle" in lines[0] and "455" in lines[0]  # that line, then the result
+
+
 def test_export_output_must_be_an_onnx_file(tmp_path, capsys):
     assert main(["export", "--weights", "none", "--output", str(tmp_path / "model.txt")]) == 2
     assert capsys.readouterr().err.strip() == "realtime-cam: error: --output must name an .onnx file; got model.txt"
@@ -224,3 +236,26 @@ def test_a_missing_webcam_is_our_one_line_not_opencvs_dozen(tiny_onnx, capfd, mo
     assert err[-1] == "realtime-cam: error: cannot open webcam 7 (no such camera, or it is busy)"
     assert not any("WARN" in line or "ERROR:" in line or "OpenCV" in line for line in err), err
     assert cv2.utils.logging.getLogLevel() == before  # OpenCV's log is back as it was
+
+
+def test_a_runtime_only_install_hears_of_the_export_extra_only_where_it_is_needed(tiny_onnx, tmp_path):
+    """Without torch (`pip install .`), run, bench and the help say nothing about installing the export extra,
+    and bench says that it left out the seed baseline, and why."""
+    photo = write_photo(tmp_path / "photo.png", (160, 120))
+    commands = {
+        "help": ["--help"], "run-help": ["run", "--help"], "bench-help": ["bench", "--help"],
+        "evaluate-help": ["evaluate", "--help"],
+        "run": ["run", "--model", str(tiny_onnx), "--source", str(photo), "--no-display"],
+        "bench": ["bench", "--model", str(tiny_onnx), "--device", "cpu", "--frames", "6", "--warmup", "2",
+                  "--batch", "1"],
+    }
+    outputs = {}
+    for name, argv in commands.items():
+        code = ("import sys; sys.modules['torch'] = sys.modules['torchvision'] = None; "  # as if not installed
+                f"from realtime_cam.cli import main; sys.exit(main({argv!r}))")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert res.returncode == 0, (name, res.stderr[-2000:])
+        outputs[name] = res.stdout + res.stderr
+    for name, text in outputs.items():
+        assert "export extra" not in text and "realtime-cam[export]" not in text, (name, text)
+    assert "seed baseline left out: torch is not installed" in outputs["bench"]

@@ -11,6 +11,8 @@ from synthetic import moving_frames
 
 from realtime_cam import CamModel
 from realtime_cam.cams import METHODS, cam
+from realtime_cam.explain import Request, explain
+from realtime_cam.overlay import prediction_lines
 from realtime_cam.pipeline import RunOptions, explain_frame, run_loop
 from realtime_cam.sources import open_source
 from realtime_cam.temporal import TemporalOptions, TemporalState, hold_leader, smooth_map, smooth_probabilities
@@ -93,6 +95,25 @@ def test_hysteresis_keeps_the_label_until_a_challenger_leads_for_n_frames():
     assert [f.leader(b), f.leader(b)] == [0, 0]
     assert f.leader(a) == 0                # the challenger's run is broken
     assert [f.leader(b), f.leader(b), f.leader(b)] == [0, 0, 1]
+
+
+def test_with_hysteresis_the_list_stays_ranked_by_probability_and_marks_the_held_label():
+    """It showed '1. shower curtain 11.2%' above '2. ski mask 18.2%': the held label moved to the top."""
+    labels = ["shower curtain", "ski mask", "bathtub"]
+    features, head = np.ones((2, 3, 3), np.float32), np.ones((3, 2), np.float32)
+    state = TemporalState(options=TemporalOptions(hysteresis=3))
+    first, state = explain(np.log([0.6, 0.3, 0.1]), features, head, labels, Request(topk=3), state)
+    assert first.class_id == 0 and not first.held
+    shown, state = explain(np.log([0.3, 0.45, 0.25]), features, head, labels, Request(topk=3), state)
+    assert shown.class_id == 0 and shown.label == "shower curtain" and shown.held   # hysteresis holds it
+    assert [c for c, _, _ in shown.topk] == [1, 0, 2]                                 # ... but the list is honest
+    lines = prediction_lines(shown)
+    assert lines[0].startswith("shower curtain 30.0%") and "held" in lines[0]
+    assert [line[:4] for line in lines[1:]] == [" 1. ", ">2. ", " 3. "]
+    assert lines[1].startswith(" 1. ski mask 45.0%") and lines[2].startswith(">2. shower curtain 30.0%")
+    # n/p step through that list: rank 1 is the second most probable class, not the held one's neighbour
+    second, _ = explain(np.log([0.3, 0.45, 0.25]), features, head, labels, Request(topk=3, rank=1), state)
+    assert second.class_id == 0 and not second.held
 
 
 def test_running_scale_stops_the_colours_breathing():

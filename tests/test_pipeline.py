@@ -1,9 +1,12 @@
 """The headless pipeline: files are inferred a batch at a time, yet every frame is written, once, in order."""
 
+import threading
+
 import cv2
 import numpy as np
 import onnx
 import pytest
+import threadpoolctl
 from conftest import needs_shared, shared
 from onnx import helper, numpy_helper
 
@@ -11,7 +14,7 @@ from realtime_cam import CamModel, threads
 from realtime_cam.pipeline import RunOptions, run_loop
 from realtime_cam.sinks import Sink
 from realtime_cam.sources import Frame, file_decode_params, open_source
-from realtime_cam.timing import Rate
+from realtime_cam.timing import Pacer, Rate
 from realtime_cam.view import ViewState
 
 
@@ -235,3 +238,45 @@ def test_frames_per_second_counts_a_first_batch_as_its_start():
     single = Rate()
     single.tick(1.0, 4)
     assert single.fps == 0.0
+
+
+def blas_threads():
+    """numpy's BLAS libraries' thread counts, as threadpoolctl sees them."""
+    return [pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"]
+
+
+class BlasThreadSpy(Sink):
+    """Notes, where the run draws and writes, which thread it is and numpy's BLAS thread counts there."""
+
+    def __init__(self):
+        self.seen = set()
+        self.last_key, self.closed = -1, False  # enough of a window for the windowed loop
+
+    def write(self, image_bgr):
+        self.seen.add((threading.current_thread().name, tuple(blas_threads())))
+
+
+@pytest.mark.parametrize("windowed", [False, True])
+def test_numpys_blas_runs_one_thread_during_a_run_and_comes_back(tiny, windowed):
+    """BLAS threads of its own made eigencam 3-7x slower than cam: they fought inference for the cores."""
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        before = blas_threads()
+        assert before, "numpy's BLAS is not seen by threadpoolctl"
+        spy = BlasThreadSpy()
+        options = RunOptions(view=ViewState(method="eigencam"))
+        if windowed:
+            run_loop(tiny, numbered_frames(3), window=spy, options=options)
+        else:
+            run_loop(tiny, numbered_frames(3), sinks=[spy], options=options)
+        assert spy.seen == {("MainThread" if windowed else "render", (1,) * len(before))}
+        assert blas_threads() == before
+
+
+def test_pacing_goes_on_at_the_files_rate_after_a_pause():
+    pacer = Pacer(10.0)
+    assert pacer.wait(100.0) == 0.0
+    assert pacer.wait(100.02) == pytest.approx(0.08)       # the next frame's slot is 0.1 s after the first
+    assert pacer.wait(100.2) == pytest.approx(0.0)         # a little late: no wait, the slots stay
+    assert pacer.wait(100.25) == pytest.approx(0.05)
+    assert pacer.wait(110.0) == 0.0                        # after a 10 s pause: start again from here ...
+    assert pacer.wait(110.01) == pytest.approx(0.09)       # ... instead of 100 frames with no wait at all

@@ -94,3 +94,64 @@ def test_label_is_drawn_legibly(size_wh):
     assert rows.size and cols.size
     assert rows.max() - rows.min() >= max(7, h // 40)
     assert cols.max() < w
+
+
+def _ranked_prediction(cam):
+    top = ((1, "tabby", 0.812), (2, "tiger cat", 0.101), (3, "egyptian cat", 0.05))
+    return Prediction(class_id=1, label="tabby", probability=0.812, topk=top, cam=cam)
+
+
+def _light_line_between_dark(row):
+    """The widest run of light pixels (every channel > 200) with dark ones (every channel < 80) right on both
+    sides, across a line drawn on the image; 0 when there is none."""
+    light, dark = row.min(axis=1) > 200, row.max(axis=1) < 80
+    widest, start = 0, None
+    for i, is_light in enumerate([*light, False]):
+        if is_light and start is None:
+            start = i
+        elif not is_light and start is not None:
+            if dark[max(0, start - 3):start].any() and dark[i:i + 3].any():
+                widest = max(widest, i - start)
+            start = None
+    return widest
+
+
+@pytest.mark.parametrize("size_wh, width", [((640, 360), 2), ((1920, 1080), 5)])
+@pytest.mark.parametrize("background", ["black", "white", "heatmap"])
+def test_the_box_is_a_light_line_with_a_dark_outline_on_any_image(size_wh, width, background):
+    """It was a one-pixel light line in a three-pixel dark outline: a thin dark line on most images."""
+    w, h = size_wh
+    frame = np.full((h, w, 3), 255 if background == "white" else 0, np.uint8)
+    cam = normalize_map(np.arange(49, dtype=np.float32).reshape(7, 7))
+    out = render(frame, _ranked_prediction(cam), OverlayStyle(alpha=1.0 if background == "heatmap" else 0.0),
+                 box_xyxy=(0.3 * w, 0.3 * h, 0.8 * w, 0.9 * h))
+    x0, y = int(0.3 * w), int(0.6 * h)
+    assert _light_line_between_dark(out[y, x0 - 20:x0 + 20]) >= width       # the left edge, across
+    x = int(0.55 * w)
+    assert _light_line_between_dark(out[int(0.3 * h) - 20:int(0.3 * h) + 20, x]) >= width   # the top edge
+
+
+def test_the_box_and_its_label_stay_clear_of_the_class_list():
+    """A box near the top-left: its label was drawn where the class list then covered it."""
+    w, h = 640, 360
+    frame = np.full((h, w, 3), 128, np.uint8)
+    prediction = _ranked_prediction(np.zeros((7, 7), np.float32))
+    plain = render(frame, prediction, OverlayStyle(alpha=0.0))
+    listed = np.argwhere((plain != frame).any(axis=2))
+    (ly0, lx0), (ly1, lx1) = listed.min(axis=0), listed.max(axis=0) + 1         # the class list's block
+    assert (ly0, lx0) == (0, 0) and ly1 < h // 2
+    box = (0.0, 0.0, 0.3 * w, ly1 - 10.0)                                       # its bottom-left in the list
+    boxed = render(frame, prediction, OverlayStyle(alpha=0.0), box_xyxy=box)
+    near_box_lines = np.zeros((h, w), bool)
+    bx1, by1, margin = int(box[2]), int(box[3]), 12
+    near_box_lines[:by1 + margin, max(0, bx1 - margin):bx1 + margin] = True    # the right edge
+    near_box_lines[max(0, by1 - margin):by1 + margin, :bx1 + margin] = True    # the bottom edge
+    near_box_lines[:margin, :bx1 + margin] = near_box_lines[:by1 + margin, :margin] = True
+    changed = (boxed != plain).any(axis=2)
+    in_list = np.zeros((h, w), bool)
+    in_list[ly0:ly1, lx0:lx1] = True
+    # The class list's letters are all there, and the box label is somewhere else, visible.
+    letters = in_list & (plain.min(axis=2) == 255)          # their cores (edges are anti-aliased)
+    assert (boxed[letters].min(axis=1) > 200).all(), "the box covers the class list's letters"
+    assert (changed & in_list & ~near_box_lines).sum() == 0, "the box label covers the class list"
+    assert (changed & ~in_list & ~near_box_lines).sum() > 50, "the box label is nowhere to be seen"

@@ -1,5 +1,6 @@
 """The real OpenCV window under a real X server (Xvfb): shown, screenshotted, quit with a key."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -7,9 +8,12 @@ import sys
 import time
 
 import cv2
+import numpy as np
 import pytest
 from conftest import needs_shared, shared
 from synthetic import write_photo
+
+from realtime_cam.bench import synthetic_video
 
 TOOLS = [shutil.which(t) for t in ("Xvfb", "import", "xdotool")]
 if os.environ.get("REALTIME_CAM_REQUIRE_X") == "1" and not all(TOOLS):
@@ -121,3 +125,77 @@ def test_closing_the_window_ends_a_video_run_like_q(display, mnv2_int8_onnx, tmp
     cap = cv2.VideoCapture(str(out))
     n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     assert 0 < n < 1189          # stopped early (the video plays at 30 FPS in a window), file finalised
+
+
+def press(env, window, *keys):
+    """Send keys to the window (xdotool's names: space, s, q)."""
+    subprocess.run(["xdotool", "windowactivate", "--sync", window], env=env, capture_output=True)
+    subprocess.run(["xdotool", "key", "--window", window, *keys], env=env, check=True)
+
+
+def snapshot_frames(folder):
+    """The frame index of each snapshot the window's `s` wrote, in the order taken."""
+    return [json.loads(p.read_text())["frame"] for p in sorted(folder.glob("snapshot-*.json"))]
+
+
+@needs_x
+def test_the_window_shows_the_frame_at_its_own_size_without_a_toolbar(display, tiny_onnx, tmp_path):
+    """Qt's toolbar and status bar took room from the image, which was shrunk and blurred to fit."""
+    source = write_photo(tmp_path / "photo.png", (451, 300))
+    snaps = tmp_path / "snaps"
+    proc = subprocess.Popen([sys.executable, "-m", "realtime_cam", "run", "--model", str(tiny_onnx),
+                             "--source", str(source), "--snapshot-dir", str(snaps)],
+                            env=display, stderr=subprocess.PIPE, text=True)
+    try:
+        window = wait_for_window(display, "realtime-cam")
+        time.sleep(1.0)  # let the first frame paint
+        press(display, window, "s")
+        deadline = time.monotonic() + 10
+        while not list(snaps.glob("*.png")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        shot_path = tmp_path / "window.png"
+        subprocess.run(["import", "-window", window, str(shot_path)], env=display, check=True, timeout=30)
+        press(display, window, "q")
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    shot, overlay = cv2.imread(str(shot_path)), cv2.imread(str(next(snaps.glob("*.png"))))
+    assert shot.shape == overlay.shape == (300, 451, 3)
+    # Pixel for pixel what was drawn: no toolbar above it, no scaling.
+    difference = float(np.abs(shot.astype(int) - overlay.astype(int)).mean())
+    assert difference < 2.0, f"the window shows the overlay changed (mean |difference| {difference:.1f})"
+
+
+@needs_x
+def test_after_a_pause_a_video_resumes_at_its_own_rate(display, tiny_onnx, tmp_path):
+    """It used to play as fast as it could until it had caught up with the time spent paused."""
+    video = synthetic_video(tmp_path / "clip.mp4", frames=900, size_wh=(160, 120))  # 30 FPS, 30 s
+    snaps = tmp_path / "snaps"
+    proc = subprocess.Popen([sys.executable, "-m", "realtime_cam", "run", "--model", str(tiny_onnx),
+                             "--source", str(video), "--snapshot-dir", str(snaps)],
+                            env=display, stderr=subprocess.PIPE, text=True)
+    try:
+        window = wait_for_window(display, "realtime-cam")
+        started = time.monotonic()
+        time.sleep(0.5)
+        press(display, window, "space")                  # pause ...
+        paused = time.monotonic()
+        time.sleep(3.0)
+        press(display, window, "space", "s")             # ... resume, and note the frame shown
+        first = time.monotonic()
+        time.sleep(1.5)
+        press(display, window, "s")
+        second = time.monotonic()
+        press(display, window, "q")
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    frames = snapshot_frames(snaps)
+    assert len(frames) == 2, err
+    assert frames[0] <= 30 * (paused - started) + 30           # the pause held the video
+    # 30 FPS from the resume on (allowing for the keys' delivery); caught up, it would be ~90 frames more.
+    assert frames[1] - frames[0] <= 30 * (second - first) + 20, frames
