@@ -86,7 +86,8 @@ def export_model(
     if (calibrate or check) and not (int8 or fp16):
         raise ExportError("--calibrate and --check go with --int8 (or --check with --fp16)")
     if features is not None and from_onnx is None:
-        raise ExportError("--features goes with --from-onnx (a torchvision backbone is explained at its last map)")
+        raise ExportError("--features goes with --from-onnx (--arch explains the map before a GAP + linear head, "
+                          "else the layer pytorch-grad-cam targets for the family)")
     if int8 and calibration not in CALIBRATIONS:
         raise ExportError(f"unknown calibration {calibration!r}; choose from {', '.join(CALIBRATIONS)}")
     # After the checks above, so that a usage mistake leaves no new folder behind.

@@ -1,4 +1,5 @@
-"""Export a torchvision backbone with a pooling + linear head to the realtime-cam contract.
+"""Export a torchvision classifier to the realtime-cam contract: a backbone with a pooling + linear head as
+(features, logits) with the head's weights; any other CNN head through in-graph gradients (torchvision_graph.py).
 
 Needs the ``export`` extra (torch, torchvision, onnxscript). The runtime never imports this module
 except to export a missing default model on ``realtime-cam run``.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import os
 import pickle
 import urllib.error
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from realtime_cam.contract import ModelInfo, default_labels, write_contract
 from realtime_cam.errors import ExportError
 
 from .checks import check_contract_file, replace_atomically
+from .torchvision_graph import NOT_YET, export_graph_head, graph_family_of, torch_to_onnx
 
 
 class TwoOutputs(nn.Module):
@@ -51,6 +52,24 @@ class _GoogLeNetBackbone(nn.Module):
         for name in ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b",
                      "maxpool3", "inception4a", "inception4b", "inception4c", "inception4d", "inception4e",
                      "maxpool4", "inception5a", "inception5b"):
+            x = getattr(n, name)(x)
+        return x
+
+
+class _InceptionV3Backbone(nn.Module):
+    """Inception v3 up to Mixed_7c, with its input transform (on when built with pretrained weights); the
+    auxiliary classifier only runs in training."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = n._transform_input(x)
+        for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                     "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                     "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"):
             x = getattr(n, name)(x)
         return x
 
@@ -86,6 +105,10 @@ def _split_googlenet(model: nn.Module, arch: str) -> tuple[nn.Module, nn.Linear]
     return _GoogLeNetBackbone(model), _only_linear(model.fc, arch)
 
 
+def _split_inception_v3(model: nn.Module, arch: str) -> tuple[nn.Module, nn.Linear]:
+    return _InceptionV3Backbone(model), _only_linear(model.fc, arch)
+
+
 def _split_shufflenet(model: nn.Module, arch: str) -> tuple[nn.Module, nn.Linear]:
     backbone = nn.Sequential(model.conv1, model.maxpool, model.stage2, model.stage3, model.stage4, model.conv5)
     return backbone, _only_linear(model.fc, arch)
@@ -105,31 +128,23 @@ FAMILIES: dict[str, Callable[[nn.Module, str], tuple[nn.Module, nn.Linear]]] = {
     "mobilenet_v2": _split_features_classifier,
     "efficientnet_": _split_features_classifier,
     "googlenet": _split_googlenet,
+    "inception_v3": _split_inception_v3,
     "shufflenet_v2": _split_shufflenet,
     "mnasnet": _split_mnasnet,
 }
 
-# torchvision classifiers whose head is more than pooling + one linear layer.
-NOT_CAM = {
-    "alexnet": "an MLP head (Linear-ReLU-Linear)",
-    "vgg": "an MLP head (Linear-ReLU-Linear)",
-    "mobilenet_v3": "an MLP head (Linear-Hardswish-Linear)",
-    "squeezenet": "a 1x1-conv classifier before pooling",
-    "convnext": "LayerNorm between pooling and the linear layer",
-    "vit_": "no convolutional feature map (attention on tokens)",
-    "swin_": "LayerNorm and permutes before pooling",
-    "maxvit": "an MLP head after pooling",
-    "inception_v3": "auxiliary heads and a 299x299 input this exporter does not handle yet",
-}
+# Input sizes other than 224x224, for random weights and state-dict files (torchvision's weights say their own).
+INPUT_SIZES = {"inception_v3": (299, 299)}
 
 
 def supported_arches() -> list[str]:
-    """The torchvision classification builders this exporter can split."""
+    """The torchvision classification builders this exporter writes (GAP + linear, or in-graph gradients)."""
     names = torchvision.models.list_models(module=torchvision.models)
-    return sorted(n for n in names if family_of(n) is not None)
+    return sorted(n for n in names if family_of(n) is not None or graph_family_of(n) is not None)
 
 
 def family_of(arch: str) -> str | None:
+    """The GAP + linear family of ``arch`` (a key of FAMILIES), or None."""
     for prefix in FAMILIES:
         if arch.startswith(prefix):
             return prefix
@@ -147,17 +162,17 @@ class ExportReport:
     feature_shape: tuple[int, ...]
     max_abs_diff_logits: float
     max_abs_diff_features: float
+    max_abs_diff_grads: float | None = None
 
 
 def _check_arch(arch: str) -> None:
-    if family_of(arch) is not None:
+    if family_of(arch) is not None or graph_family_of(arch) is not None:
         return
-    for prefix, why in NOT_CAM.items():
+    for prefix, why in NOT_YET.items():
         if arch.startswith(prefix):
-            raise ExportError(f"{arch} is not CAM-compatible: it has {why}, not global-average-pooling + one linear layer")
+            raise ExportError(f"{arch}: not yet: {why}")
     if arch in torchvision.models.list_models(module=torchvision.models):
-        raise ExportError(f"{arch}: its head is not known to be pooling + one linear layer; supported: "
-                          f"{', '.join(sorted(FAMILIES))}")
+        raise ExportError(f"{arch}: not a family this exporter knows; supported: {', '.join(supported_arches())}")
     raise ExportError(f"torchvision has no classification model {arch!r}")
 
 
@@ -184,8 +199,10 @@ def _state_dict_from(path: str) -> dict:
 
 
 def _head_classes(state: dict, arch: str) -> int | None:
-    """The class count of the head in a state dict: the out-features of its last 2-D '*.weight'."""
-    candidates = [k for k, v in state.items() if k.endswith("weight") and v.ndim == 2 and not k.startswith("aux")]
+    """The class count of the head in a state dict: the out-features of its last 2-D '*.weight' (or of
+    SqueezeNet's 1x1-conv classifier), auxiliary heads ignored."""
+    candidates = [k for k, v in state.items() if k.endswith("weight") and not k.lower().startswith("aux")
+                  and (v.ndim == 2 or (v.ndim == 4 and k.startswith("classifier.")))]
     return int(state[candidates[-1]].shape[0]) if candidates else None
 
 
@@ -197,19 +214,21 @@ def build_model(arch: str, weights: str, log: Callable[[str], None] = print) -> 
             ``$TORCH_HOME/hub/checkpoints`` and hash-checked), a path to a state dict, or "none".
     """
     _check_arch(arch)
-    mean, std, size = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (224, 224)
+    mean, std, size = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), INPUT_SIZES.get(arch, (224, 224))
     if weights.lower() == "none":
         log(f"{arch}: random weights (--weights none): for tests and benchmarks only, its maps mean nothing")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same 'random' network every time, so two exports can be compared
-            model = torchvision.models.get_model(arch, weights=None).eval()
-        return model, ModelInfo(labels=default_labels(1000), source=f"torchvision {arch}, random weights (seed 0)")
+            kwargs = {"init_weights": True} if arch.startswith(("googlenet", "inception_v3")) else {}
+            model = torchvision.models.get_model(arch, weights=None, **kwargs).eval()
+        return model, ModelInfo(labels=default_labels(1000), input_size_hw=size,
+                                source=f"torchvision {arch}, random weights (seed 0)")
     if os.path.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or os.path.exists(weights):
         state = _state_dict_from(weights)
         num_classes = _head_classes(state, arch) or 1000
         kwargs = {"num_classes": num_classes}
-        if arch.startswith("googlenet"):
-            has_aux = any(k.startswith(("aux1.", "aux2.")) for k in state)
+        if arch.startswith(("googlenet", "inception_v3")):
+            has_aux = any(k.startswith(("aux1.", "aux2.", "AuxLogits.")) for k in state)
             kwargs.update(aux_logits=has_aux, init_weights=False)
         model = torchvision.models.get_model(arch, weights=None, **kwargs)
         try:
@@ -217,7 +236,7 @@ def build_model(arch: str, weights: str, log: Callable[[str], None] = print) -> 
         except RuntimeError as exc:
             detail = " ".join(str(exc).split())[:300]
             raise ExportError(f"{weights} does not fit torchvision's {arch}: {detail}") from None
-        return model.eval(), ModelInfo(labels=default_labels(num_classes),
+        return model.eval(), ModelInfo(labels=default_labels(num_classes), input_size_hw=size,
                                        source=f"torchvision {arch}, weights {Path(weights).name}")
     try:
         enum = torchvision.models.get_model_weights(arch)
@@ -268,6 +287,11 @@ def export_torchvision(
         ExportError: weights that cannot be had or loaded, an unsupported head, or a failed check.
     """
     model, info = build_model(arch, weights, log=log)
+    if family_of(arch) is None:  # not GAP + linear: explained at its target layer with in-graph gradients
+        done = export_graph_head(model, info, arch, Path(output), opset, labels_path, log)
+        return ExportReport(path=Path(output), arch=arch, weights=info.source, num_classes=done.num_classes,
+                            feature_shape=done.feature_shape, max_abs_diff_logits=done.max_abs_diff_logits,
+                            max_abs_diff_features=done.max_abs_diff_features, max_abs_diff_grads=done.max_abs_diff_grads)
     backbone, head = FAMILIES[family_of(arch)](model, arch)
     wrapper = TwoOutputs(backbone, head).eval()
     if labels_path is not None:
@@ -286,18 +310,7 @@ def export_torchvision(
     if features_ref.ndim != 4:
         raise ExportError(f"{arch}: the features before pooling are not a [N, C, h, w] map")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(
-                wrapper, (x,), dynamo=True, input_names=["input"], output_names=["logits", "features"],
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), opset_version=opset,
-                external_data=False, verbose=False, report=False,
-            )
-        except Exception as exc:  # the exporter's own errors are long; the first line says what failed
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"torch.onnx.export failed for {arch} at opset {opset}: {first}") from None
-    proto = program.model_proto
+    proto = torch_to_onnx(wrapper, x, ["logits", "features"], opset, arch)
     write_contract(
         proto, info,
         head.weight.detach().numpy().astype(np.float32),

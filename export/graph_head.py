@@ -19,7 +19,7 @@ from realtime_cam.contract import FEATURES, GRADS, GRADS_CLASS, LOGITS, TARGET_C
 from realtime_cam.errors import ExportError
 
 from .head_grad import CLASS_OUTPUT, GRADS_OUTPUT, TARGET_INPUT, add_gradient_output
-from .onnx_graph import DataPath, Shapes, prune, rename_tensor
+from .onnx_graph import DataPath, Shapes, prune, rename_tensor, tensor_names, unique_name
 
 _SOFTMAX = ("Softmax", "LogSoftmax")
 
@@ -46,24 +46,12 @@ def explained_tensors(path: DataPath, shapes: Shapes, asked: str | None, src: Pa
                       "layer to explain with --features TENSOR")
 
 
-def _free_contract_names(model: onnx.ModelProto, names: tuple[str, ...]) -> onnx.ModelProto:
-    """A copy whose own tensors called like the contract's outputs are renamed NAME/original."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    taken = {o for node in copy.graph.node for o in node.output} | {i.name for i in copy.graph.input}
-    for name in names:
-        if name in taken:
-            rename_tensor(copy.graph, name, f"{name}/original")
-    return copy
-
-
 def with_gradient_head(model: onnx.ModelProto, features: str, logits: str, log: Callable[[str], None],
                        asked: bool = False) -> onnx.ModelProto:
     """The model with the contract's outputs for a graph head: ``logits``, ``features``, ``grads``,
     ``grads_class``, and the input ``target_class`` defaulting to -1 (each frame's top-1), so that a run that
     feeds only the image works."""
-    model = _free_contract_names(model, (LOGITS, FEATURES))
-    features, logits = (f"{name}/original" if name in (LOGITS, FEATURES) else name for name in (features, logits))
+    model, features, logits = _free_contract_names(model, features, logits)
     model = add_gradient_output(model, features, logits)
     graph = model.graph
     names = {GRADS_OUTPUT: GRADS, CLASS_OUTPUT: GRADS_CLASS, TARGET_INPUT: TARGET_CLASS}
@@ -85,3 +73,18 @@ def with_gradient_head(model: onnx.ModelProto, features: str, logits: str, log: 
     log(f"'{features}' explained with the gradient of the class score computed inside the graph ({why}): "
         "gradcam, gradcam++, xgradcam, layercam, hirescam and eigencam; no cam")
     return model
+
+
+def _free_contract_names(model: onnx.ModelProto, features: str, logits: str) -> tuple[onnx.ModelProto, str, str]:
+    """A copy of the model in which no tensor is already called ``logits`` or ``features`` (a classifier whose
+    output is named 'logits' is common), with the two names updated."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    used = tensor_names(copy.graph)
+    for name in (LOGITS, FEATURES):
+        if name in used:
+            new = unique_name(f"{name}_orig", used)
+            rename_tensor(copy.graph, name, new)
+            features = new if features == name else features
+            logits = new if logits == name else logits
+    return copy, features, logits

@@ -1,0 +1,184 @@
+"""torchvision classifiers whose head is not GAP + linear, explained at pytorch-grad-cam's target layer.
+
+The network is exported whole with torch.onnx, with the target layer's output as a second graph output (so
+its tensor has a known name), and handed to :func:`rewrite_onnx_classifier`, which builds the gradient of
+the class score w.r.t. that tensor inside the graph (export/graph_head.py). The written file is then checked
+against PyTorch: logits, the target layer's output and its autograd gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from realtime_cam.contract import FEATURES, GRADS, GRADS_CLASS, LOGITS, ModelInfo, read_contract, write_contract
+from realtime_cam.errors import ExportError
+
+from .checks import cpu_session, float_tolerance, replace_atomically
+
+TARGET_OUTPUT = "target_layer"
+
+
+@dataclass(frozen=True)
+class TargetLayer:
+    """Where a family is explained.
+
+    Attributes:
+        module: the target layer in torchvision's module; its output is the explained map.
+        grad_cam: the same layer as pytorch-grad-cam users name it (``target_layers=[...]``).
+        head: what follows the layer, i.e. why CAM itself is not defined for the family.
+    """
+
+    module: Callable[[nn.Module], nn.Module]
+    grad_cam: str
+    head: str
+
+
+# Family prefix -> its target layer: the last block of `features`, the layer pytorch-grad-cam's README and
+# tutorials target for VGG, MobileNet and ConvNeXt (their map is 6x6..13x13 at 224x224 input).
+GRAPH_FAMILIES: dict[str, TargetLayer] = {
+    "alexnet": TargetLayer(lambda m: m.features[-1], "model.features[-1]",
+                           "a 6x6 pooling and an MLP head (Linear-ReLU-Linear-ReLU-Linear)"),
+    "vgg": TargetLayer(lambda m: m.features[-1], "model.features[-1]",
+                       "a 7x7 pooling and an MLP head (Linear-ReLU-Linear-ReLU-Linear)"),
+    "mobilenet_v3": TargetLayer(lambda m: m.features[-1], "model.features[-1]",
+                                "an MLP head after pooling (Linear-Hardswish-Linear)"),
+    "squeezenet": TargetLayer(lambda m: m.features[-1], "model.features[-1]",
+                              "a 1x1-conv classifier and a ReLU before the pooling"),
+    "convnext": TargetLayer(lambda m: m.features[-1], "model.features[-1]",
+                            "a LayerNorm between the pooling and the linear layer"),
+}
+
+# Token models: their last spatial tensor is a token grid, which this exporter does not reshape yet.
+NOT_YET: dict[str, str] = {
+    "vit_": "a Vision Transformer's map is its token grid (class token dropped), not exported yet",
+    "swin_": "a Swin Transformer's map is a channels-last token grid, not exported yet",
+    "maxvit": "MaxViT's map is the output of attention blocks with an MLP head, not exported yet",
+}
+
+
+def graph_family_of(arch: str) -> str | None:
+    return next((prefix for prefix in GRAPH_FAMILIES if arch.startswith(prefix)), None)
+
+
+class WithTarget(nn.Module):
+    """(logits, the target layer's output): the network unchanged, its target layer's output exposed."""
+
+    def __init__(self, net: nn.Module, target: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self._seen: list[torch.Tensor] = []
+        target.register_forward_hook(lambda module, args, out: self._seen.append(out))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._seen.clear()
+        logits = self.net(x)
+        if len(self._seen) != 1:
+            raise ExportError(f"the target layer ran {len(self._seen)} times in one forward pass, not once")
+        return logits, self._seen[0]
+
+
+def torch_to_onnx(module: nn.Module, x: torch.Tensor, output_names: list[str], opset: int,
+                  arch: str) -> onnx.ModelProto:
+    """``module`` exported by torch.onnx's dynamo exporter: input 'input' with a dynamic batch, one file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                module, (x,), dynamo=True, input_names=["input"], output_names=output_names,
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), opset_version=opset,
+                external_data=False, verbose=False, report=False,
+            )
+        except Exception as exc:  # the exporter's own errors are long; the first line says what failed
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"torch.onnx.export failed for {arch} at opset {opset}: {first}") from None
+    return program.model_proto
+
+
+@dataclass(frozen=True)
+class GraphExport:
+    """What :func:`export_graph_head` wrote and how far ONNX Runtime is from PyTorch on the test batch."""
+
+    num_classes: int
+    feature_shape: tuple[int, ...]
+    max_abs_diff_logits: float
+    max_abs_diff_features: float
+    max_abs_diff_grads: float
+
+
+def export_graph_head(model: nn.Module, info: ModelInfo, arch: str, output: Path, opset: int,
+                      labels_path: str | None, log: Callable[[str], None]) -> GraphExport:
+    """Write ``model`` as a "graph" contract file explaining its family's target layer; check it against PyTorch.
+
+    Args:
+        info: what the file's metadata says (its labels are kept when ``labels_path`` is None and they fit).
+        labels_path: class names, one per line.
+    """
+    from .from_onnx import rewrite_onnx_classifier
+
+    layer = GRAPH_FAMILIES[graph_family_of(arch)]
+    wrapper = WithTarget(model, layer.module(model)).eval()
+    h, w = info.input_size_hw
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits_ref, target_ref = wrapper(x)
+    if target_ref.ndim != 4:
+        raise ExportError(f"{arch}: the output of {layer.grad_cam} is {list(target_ref.shape)}, not [N, C, h, w]")
+    log(f"{arch}: {layer.head}, so CAM is not defined; explaining {layer.grad_cam} (pytorch-grad-cam's target "
+        "layer) with in-graph gradients")
+    proto = torch_to_onnx(wrapper, x, [LOGITS, TARGET_OUTPUT], opset, arch)
+    del proto.graph.output[1:]  # the target tensor keeps its name inside the graph; rewrite names it features
+    output = Path(output)
+    with tempfile.TemporaryDirectory(prefix=".realtime-cam-", dir=output.parent) as tmp:
+        exported, rewritten = Path(tmp) / f"{arch}.onnx", Path(tmp) / f"{arch}-contract.onnx"
+        onnx.save(proto, str(exported))
+        del proto
+        report = rewrite_onnx_classifier(exported, rewritten, labels_path=labels_path, input_size_hw=(h, w),
+                                         mean=info.mean, std=info.std, features=TARGET_OUTPUT, log=log)
+        contract = onnx.load(str(rewritten))
+    names = read_contract(contract)[0].labels  # labels_path's, else the defaults for the class count
+    if labels_path is None and len(info.labels) == report.num_classes:
+        names = info.labels  # e.g. the categories of torchvision's weights
+    write_contract(contract, dataclasses.replace(info, labels=names, source=f"{info.source}; explained at "
+                                                 f"{layer.grad_cam} with in-graph gradients"), None, None)
+
+    def verify(path: Path) -> tuple[float, float, float]:
+        onnx.checker.check_model(str(path))
+        return _check_against_pytorch(path, wrapper, x, logits_ref, target_ref)
+
+    diffs = replace_atomically(contract, output, verify)
+    log("ONNX Runtime vs PyTorch: max |logits diff| {:.3g}, max |features diff| {:.3g}, max |grads diff| {:.3g} "
+        "(autograd)".format(*diffs))
+    return GraphExport(report.num_classes, tuple(target_ref.shape[1:]), *diffs)
+
+
+def _check_against_pytorch(path: Path, wrapper: WithTarget, x: torch.Tensor, logits_ref: torch.Tensor,
+                           target_ref: torch.Tensor) -> tuple[float, float, float]:
+    """Max |diff| of logits, features and grads between the file and PyTorch (autograd, same class per row)."""
+    session = cpu_session(path, "the exported model")
+    logits, features, grads, grads_class = session.run([LOGITS, FEATURES, GRADS, GRADS_CLASS], {"input": x.numpy()})
+    with torch.enable_grad():
+        out, target = wrapper(x)
+        chosen = out.gather(1, torch.from_numpy(grads_class.astype(np.int64)).view(-1, 1)).sum()
+        (grads_ref,) = torch.autograd.grad(chosen, target)
+    diff_logits = float(np.abs(logits - logits_ref.numpy()).max())
+    diff_features = float(np.abs(features - target_ref.numpy()).max())
+    grads_ref = grads_ref.numpy()
+    diff_grads = float(np.abs(grads - grads_ref).max())
+    # Gradients are small numbers: compared relative to their own largest value, not with an absolute floor.
+    grads_tol = 1e-3 * float(np.abs(grads_ref).max()) + 1e-9
+    if (diff_logits > float_tolerance(logits_ref.numpy()) or diff_features > float_tolerance(target_ref.numpy())
+            or diff_grads > grads_tol):
+        raise ExportError(f"ONNX Runtime disagrees with PyTorch beyond float tolerance (max |logits diff| "
+                          f"{diff_logits:.3g}, features {diff_features:.3g}, grads {diff_grads:.3g} of "
+                          f"{grads_tol:.3g} allowed)")
+    return diff_logits, diff_features, diff_grads
