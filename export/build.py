@@ -1,7 +1,9 @@
 """``realtime-cam export`` as a library call: a torchvision backbone or an ONNX classifier -> one contract file,
 float32, int8 or float16.
 
-Importing this module is cheap: onnx, onnxruntime's quantizer and torch load only when an export needs them.
+torchvision's ResNets (options.TORCH_FREE_ARCHES) are always exported without torch (resnet_numpy.py, tested
+equal to the torch export); other backbones need the export extra. Importing this module is cheap: onnx,
+onnxruntime's quantizer and torch load only when an export needs them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from realtime_cam.errors import CamError, ExportError
+from realtime_cam.errors import ExportError
 from realtime_cam.paths import default_model_path
 
 from .options import (
@@ -22,6 +24,7 @@ from .options import (
     DEFAULT_CALIBRATION_FRAMES,
     DEFAULT_OPSET,
     DEFAULT_WEIGHTS,
+    TORCH_FREE_ARCHES,
 )
 
 __all__ = ["export_default_model", "export_model", "torchvision_exporter"]
@@ -54,7 +57,8 @@ def export_model(
 
     Args:
         output: the .onnx file to write (default: the cache file ``run`` looks for, named after ``arch``, or
-            after the classifier for ``from_onnx``); its folder is made when missing.
+            after the classifier for ``from_onnx``; not for random weights or weights from a file, which never
+            become a default model); its folder is made when missing.
         arch, weights, opset: the torchvision builder, its weights (a torchvision weights name, a state-dict
             file, or "none"), and the ONNX opset to export at.
         from_onnx: rewrite this ONNX classifier (GAP + linear head, float or quantized) instead.
@@ -75,6 +79,8 @@ def export_model(
         CamError: bad options or output (before any work), or an export that fails (an ExportError).
     """
     if output is None:
+        if from_onnx is None:
+            _refuse_unverified_default(weights)
         output = default_model_path(Path(from_onnx).stem if from_onnx is not None else arch)
     output = Path(output)
     if output.suffix.lower() != ".onnx":
@@ -101,6 +107,10 @@ def export_model(
                 from_onnx, path, labels_path=labels, input_size_hw=tuple(input_size_hw) if input_size_hw else None,
                 mean=mean, std=std, bgr=bgr, features=features, log=log,
             )
+        elif arch in TORCH_FREE_ARCHES:
+            from .resnet_numpy import export_resnet
+
+            export_resnet(arch, weights, path, opset=opset, labels_path=labels, log=log)
         else:
             torchvision_exporter()(arch, weights, path, opset=opset, labels_path=labels, log=log)
 
@@ -126,22 +136,30 @@ def export_model(
 
 
 def export_default_model(path: PathLike, *, log: Callable[[str], None] = print) -> Path:
-    """The model ``run`` uses when given none and none is cached: torchvision's pretrained resnet18 at ``path``.
+    """The model ``run`` uses when given none and none is cached: torchvision's pretrained resnet18 at ``path``,
+    exported without torch from its weights file (in torch's cache, or downloaded there; hash-checked).
 
     Raises:
-        ExportError: the export extra is missing (the message says what to install or pass instead), or the
-            export fails.
+        ExportError: the weights cannot be had (the message says where to put the file offline), or the export
+            fails.
     """
-    try:
-        export_torchvision = torchvision_exporter()
-    except CamError as exc:
-        raise ExportError(
-            f"no model at {path}: install the export extra and export one "
-            f"(pip install 'realtime-cam[export]' && realtime-cam export), or pass --model FILE ({exc})"
-        ) from None
-    log(f"no model at {path} yet: exporting torchvision {DEFAULT_ARCH} (once)")
-    export_torchvision(DEFAULT_ARCH, DEFAULT_WEIGHTS, path, log=log)
+    from .resnet_numpy import export_resnet
+
+    log(f"no model at {path} yet: exporting torchvision {DEFAULT_ARCH} with its ImageNet weights (once)")
+    export_resnet(DEFAULT_ARCH, DEFAULT_WEIGHTS, path, log=log)
     return Path(path)
+
+
+def _refuse_unverified_default(weights: str) -> None:
+    """Only torchvision's hash-checked weights may go to a default path, where ``run`` would use them unasked."""
+    from .hub import is_weights_file
+
+    if weights.lower() == "none":
+        raise ExportError("random weights need --output: they never become the default model "
+                          "(realtime-cam export --weights none --output random.onnx)")
+    if is_weights_file(weights):
+        raise ExportError(f"weights from a file need --output: the default model holds torchvision's hash-checked "
+                          f"weights only (realtime-cam export --weights {weights} --output FILE.onnx)")
 
 
 def torchvision_exporter() -> Callable[..., object]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from realtime_cam.contract import ModelInfo, default_labels, write_contract
 from realtime_cam.errors import ExportError
 
 from .checks import check_contract_file, replace_atomically
+from .hub import fetch, is_weights_file
 from .torchvision_graph import NOT_YET, export_graph_head, graph_family_of, torch_to_onnx
 
 
@@ -222,8 +222,8 @@ def build_model(arch: str, weights: str, log: Callable[[str], None] = print) -> 
             kwargs = {"init_weights": True} if arch.startswith(("googlenet", "inception_v3")) else {}
             model = torchvision.models.get_model(arch, weights=None, **kwargs).eval()
         return model, ModelInfo(labels=default_labels(1000), input_size_hw=size,
-                                source=f"torchvision {arch}, random weights (seed 0)")
-    if os.path.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or os.path.exists(weights):
+                                source=f"torchvision {arch}, random weights (seed 0)", random_weights=True)
+    if is_weights_file(weights):
         state = _state_dict_from(weights)
         num_classes = _head_classes(state, arch) or 1000
         kwargs = {"num_classes": num_classes}
@@ -244,25 +244,14 @@ def build_model(arch: str, weights: str, log: Callable[[str], None] = print) -> 
     except KeyError:
         names = ", ".join(w.name for w in torchvision.models.get_model_weights(arch))
         raise ExportError(f"{arch} has no weights {weights!r}; choose DEFAULT, {names}, none, or a file path") from None
-    checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(chosen.url)
-    if not checkpoint.exists():
-        log(f"downloading {chosen.url} into {checkpoint.parent}")
+    # Downloaded, or found in the cache, and hash-checked either way (torch.hub checks only a download); torchvision
+    # then loads it from the cache. torch.hub.set_dir is never called, so both name the same folder.
+    checkpoint = fetch(chosen.url, f"{arch} weights {chosen}", log=log)
     try:
         model = torchvision.models.get_model(arch, weights=chosen)
-    except (urllib.error.URLError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        reason = (str(getattr(exc, "reason", None) or exc).splitlines() or [""])[0][:200] or type(exc).__name__
-        if checkpoint.exists() and not isinstance(exc, (urllib.error.URLError, OSError)):
-            # A half-finished download or copy: torch.load cannot read it, and would fail the same way next time.
-            raise ExportError(
-                f"the cached weights file {checkpoint} is damaged ({reason}); delete it and export again, or put "
-                f"a complete copy of {chosen.url} there"
-            ) from None
-        if isinstance(exc, (EOFError, ValueError, pickle.UnpicklingError)):
-            raise
-        raise ExportError(
-            f"could not get {arch} weights {chosen} ({reason}); offline, download {chosen.url} and put it at "
-            f"{checkpoint} (TORCH_HOME sets the folder), or export from a local file: realtime-cam export --weights PATH"
-        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        reason = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
+        raise ExportError(f"torchvision cannot load the weights file {checkpoint} ({reason})") from None
     transforms = chosen.transforms()
     crop = getattr(transforms, "crop_size", [224])
     size = (int(crop[0]), int(crop[-1]))

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 # What `export` makes when given nothing, and what `run` exports when no model is cached.
 DEFAULT_ARCH = "resnet18"
 DEFAULT_WEIGHTS = "DEFAULT"
+# torchvision backbones export_resnet writes with numpy and onnx.helper, torch or not (resnet_numpy.py).
+TORCH_FREE_ARCHES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 DEFAULT_OPSET = 18
 OPSETS = range(13, 22)
 DEFAULT_CALIBRATION_FRAMES = 200

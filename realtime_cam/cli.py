@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_OPSET,
         DEFAULT_WEIGHTS,
         OPSETS,
+        TORCH_FREE_ARCHES,
     )
     from .images import WRITABLE_IMAGE_EXTENSIONS
     from .overlay import COLORMAPS
@@ -81,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                     + "\n".join(f"  {k:8} {v}" for k, v in KEY_HELP.items()),
     )
     run.add_argument("--model", type=Path, default=None,
-                     help=f"realtime-cam model file (default: {default_model_path()}, exported from torchvision's "
-                          "pretrained resnet18 on first use)")
+                     help=f"realtime-cam model file (default: {default_model_path()}, exported on first use "
+                          "from torchvision's ResNet18 weights, downloaded once and hash-checked; no torch needed)")
     run.add_argument("--source", default="0",
                      help="webcam index, video file, image file, or a URL OpenCV opens (rtsp://, http://)")
     run.add_argument("--reconnect", type=non_negative_int, default=3, metavar="N",
@@ -148,12 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
         "export", formatter_class=fmt,
         help="make a realtime-cam model file (torchvision backbone, or an existing ONNX classifier)",
         description="Write one self-contained .onnx file with outputs 'logits' and 'features' and the metadata "
-                    "the runtime needs. A torchvision export needs the export extra (torch, torchvision).",
+                    "the runtime needs. torchvision's ResNets are exported without torch; other torchvision "
+                    "backbones need the export extra (torch, torchvision).",
     )
-    export.add_argument("--arch", default=DEFAULT_ARCH, help="torchvision builder name (resnet18, densenet121, ...)")
+    export.add_argument("--arch", default=DEFAULT_ARCH,
+                        help=f"torchvision builder name (resnet18, densenet121, ...); {', '.join(TORCH_FREE_ARCHES)} "
+                             "need no torch")
     export.add_argument("--weights", default=DEFAULT_WEIGHTS,
-                        help="DEFAULT or a torchvision weights name (downloaded to $TORCH_HOME, hash-checked), "
-                             "a state-dict file (loaded with weights_only=True), or 'none' (random: tests only)")
+                        help="DEFAULT or a torchvision weights name (downloaded to $TORCH_HOME/hub/checkpoints; "
+                             "the sha256 in its name is checked, cached or not), a state-dict file (read without "
+                             "running code in it; needs --output), or 'none' (random: tests only; needs --output)")
     export.add_argument("--output", type=Path, default=None,
                         help="where to write (default: the cache file `run` looks for, "
                              f"{default_model_path()}; for --from-onnx, the classifier's name there)")
@@ -251,7 +256,7 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 
 # ----------------------------------------------------------------------------- commands
 def _export_missing_default(path: Path) -> None:
-    """``run`` without --model and no cached model: export it when the export extra is installed."""
+    """``run`` without --model and no cached model: export torchvision's ResNet18 (no torch needed)."""
     from .export.build import export_default_model
 
     export_default_model(path, log=log.info)
@@ -288,6 +293,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         typed, label = args.class_name.strip(), model.labels[class_id]
         how = "" if typed.lower() in (label.lower(), str(class_id)) else f" (the one label that starts with {typed!r})"
         log.info("--class %s: explaining class %d, %r, on every frame%s", typed, class_id, label, how)
+    if model.info.random_weights:
+        log.warning("random weights: this model's maps mean nothing")
 
     sinks: list = []
     try:

@@ -10,7 +10,7 @@ A contract file has
   graph: an input ``target_class`` [N] int64 with a default of -1 (the frame's top-1) and outputs ``grads``
   [N, C, h, w] and ``grads_class`` [N]; a "graph" head always has them;
 - ``metadata_props`` under the ``realtime_cam.`` prefix: labels, input size, normalisation, the names of
-  the head initializers and where the model came from.
+  the head initializers, where the model came from, and whether its weights are random.
 
 Both ways in (``export`` from torchvision, ``export --from-onnx`` from an existing classifier) write it
 with :func:`write_contract`; the runtime reads it with :func:`read_contract`. Only ``onnx`` and numpy
@@ -57,6 +57,7 @@ class ModelInfo:
         source: a short human-readable note of where the model came from.
         head_tolerance: the largest |W @ GAP(features) + b - logits| the export measured (0 for float
             heads); quantized heads reproduce the logits only up to quantization error.
+        random_weights: the network has random weights (``export --weights none``): its maps mean nothing.
     """
 
     labels: tuple[str, ...]
@@ -66,6 +67,7 @@ class ModelInfo:
     channel_order: str = "RGB"
     source: str = ""
     head_tolerance: float = 0.0
+    random_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.channel_order not in ("RGB", "BGR"):
@@ -155,6 +157,8 @@ def write_contract(
         "source": info.source,
         "head_tolerance": repr(float(info.head_tolerance)),
     }
+    if info.random_weights:
+        meta["random_weights"] = "true"
     if head_weight is None:
         if not has_grads:
             raise ModelError(f"a head that is not GAP + linear needs the {GRADS!r} output (add_gradient_output)")
@@ -216,6 +220,9 @@ def read_contract(model: onnx.ModelProto) -> tuple[ModelInfo, np.ndarray | None,
             channel_order=meta["channel_order"],
             source=meta.get("source", ""),
             head_tolerance=float(meta.get("head_tolerance", "0")),
+            # Files exported before the key existed say so only in their source.
+            random_weights=meta.get("random_weights") == "true"
+            or meta.get("source", "").startswith("torchvision ") and "random weights" in meta.get("source", ""),
         )
         graph_head = meta.get("head") == "graph"
         weight_name, bias_name = (None, None) if graph_head else (meta["head_weight"], meta["head_bias"])

@@ -1,5 +1,6 @@
 """`realtime-cam run` end to end on real and synthetic media, through main() and the installed console script."""
 
+import hashlib
 import os
 import shutil
 import signal
@@ -172,7 +173,10 @@ def test_run_without_model_exports_the_default_into_the_cache(tmp_path, monkeypa
     pytest.importorskip("torchvision")
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    shutil.copy(resnet18_state_dict, checkpoints / "resnet18-f37072fd.pth")
+    # Named after its own sha256 (the hash is checked), and the URL says so (never contacted: the file is cached).
+    checkpoint = checkpoints / f"resnet18-{hashlib.sha256(resnet18_state_dict.read_bytes()).hexdigest()[:8]}.pth"
+    shutil.copy(resnet18_state_dict, checkpoint)
+    monkeypatch.setenv("REALTIME_CAM_WEIGHTS_URL", f"http://127.0.0.1:9/{checkpoint.name}")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("REALTIME_CAM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "o.png"
@@ -181,12 +185,16 @@ def test_run_without_model_exports_the_default_into_the_cache(tmp_path, monkeypa
     assert (tmp_path / "cache" / "resnet18.onnx").exists() and out.exists()
 
 
-def test_run_without_model_and_without_the_export_extra_says_what_to_run(tmp_path, monkeypatch, capsys):
+def test_run_without_model_and_without_the_export_extra_says_where_the_weights_go(tmp_path, monkeypatch, capsys):
+    # torch is not needed: offline with an empty cache, the message is about the weights file, not an install.
     monkeypatch.setenv("REALTIME_CAM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(sys.modules, "realtime_cam.export.from_torchvision", None)  # as if torch were absent
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("REALTIME_CAM_WEIGHTS_URL", "http://127.0.0.1:9/resnet18-f37072fd.pth")  # nothing listens
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were absent
     assert main(["run", "--no-display"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "pip install 'realtime-cam[export]'" in err and "realtime-cam export" in err and "--model" in err
+    assert "realtime-cam[export]" not in err and "could not get resnet18 weights" in err
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in err
 
 
 def test_console_script_and_the_runtime_never_imports_torch(tiny_onnx, tmp_path):
