@@ -155,6 +155,8 @@ def step(model: CamModel, frame: Frame, out: Outputs, view: ViewState, options: 
     box = cam_box(prediction.cam, (w, h), options.box_threshold) if view.show_box else None
     help_lines = [f"{k}: {v}" for k, v in KEY_HELP.items()] if view.show_help else ()
     style = OverlayStyle(alpha=view.alpha, colormap=options.colormap)
+    if model.info.random_weights:  # a map from random weights must never pass for an explanation
+        hud = [*hud, "random weights"]
     overlay = render(frame.image_bgr, prediction, style, hud, box_xyxy=box, help_lines=help_lines)
     t2 = time.perf_counter()
     for sink in sinks:

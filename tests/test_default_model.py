@@ -185,3 +185,36 @@ def test_random_weights_are_recorded_and_run_says_so_once(tmp_path, caches, caps
     for model, warned in ((tmp_path / "old.onnx", 1), (tmp_path / "tiny.onnx", 0)):
         assert main(["run", "--model", str(model), "--source", str(photo), "--no-display"]) == 0
         assert capsys.readouterr().err.count("random weights: this model's maps mean nothing") == warned
+
+
+def test_the_overlay_of_a_random_weights_model_says_so(tmp_path):
+    """The HUD, not only the console: an overlay shared without the log must not pass for an explanation."""
+    import numpy as np
+    import onnx
+    from synthetic import tiny_contract_model
+
+    from realtime_cam.contract import PREFIX
+    from realtime_cam.model import CamModel
+    from realtime_cam.pipeline import RunOptions, run_loop
+    from realtime_cam.sinks import Sink
+    from realtime_cam.types import Frame
+
+    model = tiny_contract_model()
+    onnx.save(model, str(tmp_path / "trained.onnx"))
+    model.metadata_props.add(key=PREFIX + "random_weights", value="true")
+    onnx.save(model, str(tmp_path / "random.onnx"))
+
+    class Keep(Sink):
+        def write(self, image_bgr):
+            self.image = image_bgr
+
+    overlays = {}
+    for name in ("trained", "random"):
+        cam_model = CamModel(tmp_path / f"{name}.onnx", device="cpu")
+        assert cam_model.info.random_weights == (name == "random")
+        sink = Keep()
+        run_loop(cam_model, iter([Frame(0, np.full((240, 320, 3), 90, np.uint8), 0.0)]), sinks=[sink],
+                 options=RunOptions(batch=1))
+        overlays[name] = sink.image
+    corner = (slice(200, 240), slice(160, 320))  # the HUD's place: bottom-right
+    assert not np.array_equal(overlays["trained"][corner], overlays["random"][corner])
