@@ -52,6 +52,7 @@ def with_gradient_head(model: onnx.ModelProto, features: str, logits: str, log: 
     ``grads_class``, and the input ``target_class`` defaulting to -1 (each frame's top-1), so that a run that
     feeds only the image works."""
     model, features, logits = _free_contract_names(model, features, logits)
+    _require_float(model, features)
     model = add_gradient_output(model, features, logits)
     graph = model.graph
     names = {GRADS_OUTPUT: GRADS, CLASS_OUTPUT: GRADS_CLASS, TARGET_INPUT: TARGET_CLASS}
@@ -73,6 +74,19 @@ def with_gradient_head(model: onnx.ModelProto, features: str, logits: str, log: 
     log(f"'{features}' explained with the gradient of the class score computed inside the graph ({why}): "
         "gradcam, gradcam++, xgradcam, layercam, hirescam and eigencam; no cam")
     return model
+
+
+def _require_float(model: onnx.ModelProto, tensor: str) -> None:
+    """Refuse a quantized (integer) map: the runtime's maps are computed on float features."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # inference is only a help; the export's own run checks the rest
+        return
+    for info in (*inferred.value_info, *inferred.output, *inferred.input):
+        if info.name == tensor and info.type.tensor_type.elem_type not in (
+                0, TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+            raise ExportError(f"cannot explain '{tensor}': it is a quantized (integer) tensor; name a float tensor "
+                              "with --features, or export the float model and quantize it with --int8 later")
 
 
 def _free_contract_names(model: onnx.ModelProto, features: str, logits: str) -> tuple[onnx.ModelProto, str, str]:

@@ -78,7 +78,10 @@ def fetch(url: str, what: str, log: Callable[[str], None] = print, stream: TextI
     path = checkpoints_dir() / os.path.basename(urlparse(url).path)
     expected = expected_hash(path.name)
     if path.is_file():
-        found = sha256_of(path)
+        try:
+            found = sha256_of(path)
+        except OSError as exc:
+            raise ExportError(f"cannot read the cached weights file {path}: {exc.strerror or exc}") from None
         if not found.startswith(expected):
             raise ExportError(
                 f"the cached weights file {path} is damaged or not the file its name says: its sha256 begins "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 import zipfile
@@ -93,6 +94,8 @@ class _StateDictUnpickler(pickle.Unpickler):
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= storage.size:  # as_strided does not check: without this, a file could read any memory
             raise ValueError(f"a tensor of size {size} reaches past its storage ({storage.size} values)")
+        if math.prod(size) > max(storage.size, 1 << 28):  # stride-0 views of a huge size: memory, not weights
+            raise ValueError(f"a tensor of size {size} from a storage of {storage.size} values")
         item = storage.itemsize
         view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size, strides=[s * item for s in stride])
         return np.array(view)
@@ -127,7 +130,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             "could run code; like torch.load(weights_only=True), realtime-cam calls nothing else)"
         ) from None
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, KeyError, TypeError, AttributeError,
-            IndexError, OSError, UnicodeDecodeError) as exc:
+            IndexError, OSError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ExportError(f"cannot read {path} as PyTorch weights ({reason})") from None
     for key in ("state_dict", "model"):

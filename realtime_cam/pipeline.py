@@ -272,9 +272,13 @@ def _drain(prefetch: Prefetcher, worker: OrderedWorker) -> None:
     close under the render thread and lose the frames already explained. A second one stops waiting (a sink
     that hangs). Calling it again after it returned does nothing more.
     """
-    with signals_held(second_aborts=True):
-        prefetch.close()
-        worker.finish()
+    try:
+        with signals_held(second_aborts=True):
+            prefetch.close()
+            worker.finish()
+    except BaseException:
+        worker.abandon()  # not waited for again, whatever the caller does next
+        raise
 
 
 def _run_windowed(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink], window: WindowSink,

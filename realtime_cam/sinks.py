@@ -208,18 +208,12 @@ class VideoFileSink(Sink):
         if self._partial.ours():
             # OpenCV's writer does not report a failed write (a full disk, a file-size limit): it only logs. So
             # the finished file is read back: its last frame must decode, whatever the container states.
-            try:
-                problem = unreadable_end(tmp, self.frames_written)
-            except KeyboardInterrupt:
-                logging.getLogger("realtime_cam").warning(
-                    "interrupted while checking %s: the video is kept, unchecked, as %s", self.path, tmp)
-                raise
+            problem = unreadable_end(tmp, self.frames_written)
             if problem:
                 raise SinkError(f"writing {self.path} failed: the finished file {problem} (is the disk full?); "
                                 f"what was written is left in {tmp}")
-        with signals_held():  # a second Ctrl-C (or SIGTERM) is acted on after the file has its name
-            self._partial.commit()  # says so when the temporary file vanished or cannot be renamed
-            self.complete = True
+        self._partial.commit()  # says so when the temporary file vanished or cannot be renamed
+        self.complete = True
 
 
 @contextlib.contextmanager

@@ -112,6 +112,7 @@ class OrderedWorker(Generic[Item]):
         self._name = name
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
+        self._done = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -140,8 +141,14 @@ class OrderedWorker(Generic[Item]):
         self._queue.put(item)
 
     def finish(self) -> None:
-        """Wait for every submitted item to be handled; raise the worker's error, if any. Idempotent."""
-        if self._thread.is_alive():
+        """Wait for every submitted item to be handled; raise the worker's error, if any. Once it has returned or
+        was abandoned, calling it again only raises that error."""
+        if not self._done:
             self._queue.put(None)
             self._thread.join()
+            self._done = True
         self.check()
+
+    def abandon(self) -> None:
+        """Stop waiting for this worker for good (a second Ctrl-C while it drains): its thread is a daemon."""
+        self._done = True

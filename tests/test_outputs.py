@@ -229,20 +229,23 @@ def test_a_second_signal_stops_waiting_for_a_sink_that_hangs(tiny_onnx):
     from realtime_cam.sinks import Sink
     from realtime_cam.types import Frame
 
-    release = threading.Event()
+    release, fired = threading.Event(), threading.Event()
 
     class StuckSink(Sink):
         def write(self, image_bgr):
-            if not release.is_set():
+            if not fired.is_set():  # two Ctrl-C, once: the first is held, the second must end the wait
+                fired.set()
                 threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
                 threading.Timer(0.8, os.kill, (os.getpid(), signal.SIGINT)).start()
-                release.wait(30)
+            release.wait(30)
 
     frames = [Frame(i, np.zeros((60, 80, 3), np.uint8), 0.0) for i in range(3)]
+    model = CamModel(tiny_onnx, device="cpu")
     t0 = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
-            run_loop(CamModel(tiny_onnx, device="cpu"), iter(frames), sinks=[StuckSink()], options=RunOptions(batch=1))
-        assert time.monotonic() - t0 < 10
+            run_loop(model, iter(frames), sinks=[StuckSink()], options=RunOptions(batch=1))
+        waited = time.monotonic() - t0
     finally:
         release.set()
+    assert waited < 10, f"took {waited:.1f} s: the second Ctrl-C did not end the wait on the stuck sink"
