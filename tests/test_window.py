@@ -133,6 +133,14 @@ def press(env, window, *keys):
     subprocess.run(["xdotool", "key", "--window", window, *keys], env=env, check=True)
 
 
+def wait_for_snapshots(folder, count, timeout_s=20.0):
+    """Wait until the window has written ``count`` snapshots (keys are served once per frame: on a busy
+    machine one pressed too soon after another can be read before the first is acted on)."""
+    deadline = time.monotonic() + timeout_s
+    while len(list(folder.glob("snapshot-*.json"))) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def snapshot_frames(folder):
     """The frame index of each snapshot the window's `s` wrote, in the order taken."""
     return [json.loads(p.read_text())["frame"] for p in sorted(folder.glob("snapshot-*.json"))]
@@ -183,11 +191,14 @@ def test_after_a_pause_a_video_resumes_at_its_own_rate(display, tiny_onnx, tmp_p
         press(display, window, "space")                  # pause ...
         paused = time.monotonic()
         time.sleep(3.0)
-        press(display, window, "space", "s")             # ... resume, and note the frame shown
-        first = time.monotonic()
+        press(display, window, "s")                      # the held frame (keys work while paused)
+        wait_for_snapshots(snaps, 1)
+        first = time.monotonic()                         # before the key: the bound below only grows
+        press(display, window, "space")                  # ... resume
         time.sleep(1.5)
         press(display, window, "s")
-        second = time.monotonic()
+        wait_for_snapshots(snaps, 2)
+        second = time.monotonic()                        # after the file: likewise
         press(display, window, "q")
         _, err = proc.communicate(timeout=30)
     finally:
