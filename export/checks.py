@@ -63,14 +63,9 @@ def replace_atomically(model: onnx.ModelProto, output: Path, verify: Callable[[P
     output = Path(output)
     if not output.parent.is_dir():
         output.parent.mkdir(parents=True, exist_ok=True)
-    partial = PartialFile(output)
-    try:
+    with PartialFile(output) as tmp:
         try:
-            onnx.save(model, str(partial.tmp))
+            onnx.save(model, str(tmp))
         except OSError as exc:  # a full disk, a folder that became read-only
             raise ExportError(f"cannot write {output}: {exc.strerror or exc}") from None
-        result = verify(partial.tmp)
-        partial.commit()
-        return result
-    finally:
-        partial.discard()
+        return verify(tmp)  # committed when the block ends without an error

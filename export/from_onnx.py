@@ -421,15 +421,7 @@ def _check(model: onnx.ModelProto, head: Head, input_name: str, tests: list[np.n
 def _original_logits(original_bytes: bytes, head: Head, index: GraphIndex, input_name: str, tests: list[np.ndarray],
                      src: Path) -> list[np.ndarray]:
     """The original model's logits on each test batch (its logits tensor exposed as an extra output if need be)."""
-    model = onnx.ModelProto.FromString(original_bytes)
-    if head.logits not in {o.name for o in model.graph.output}:
-        model.graph.output.append(onnx.ValueInfoProto(name=head.logits))
-        original_bytes = model.SerializeToString()
-    session = cpu_session(original_bytes, src.name)
-    try:
-        values = [session.run([head.logits], {input_name: x})[0] for x in tests]
-    except Exception as exc:  # noqa: BLE001 - re-raised; onnxruntime raises its own Fail/InvalidArgument types
-        raise ExportError(f"onnxruntime cannot run {src.name}: {str(exc).splitlines()[0][:300]}") from None
+    values = _tensor_values(original_bytes, head.logits, input_name, tests, src)
     if head.logits_quant is not None:
         scale, zero_point = (index.value(name) if name else None for name in head.logits_quant)
         values = [dequantize(v, scale, zero_point).astype(np.float32) for v in values]

@@ -39,39 +39,28 @@ class TwoOutputs(nn.Module):
         return self.head(features.mean(dim=(2, 3))), features
 
 
-class _GoogLeNetBackbone(nn.Module):
-    """GoogLeNet up to inception5b, with its input transform (on when built with pretrained weights)."""
+class _InputTransformBackbone(nn.Module):
+    """A network's input transform (on when built with pretrained weights), then its named layers in order:
+    GoogLeNet up to inception5b, Inception v3 up to Mixed_7c (its auxiliary classifier only runs in training)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, layers: tuple[str, ...]) -> None:
         super().__init__()
         self.net = net
+        self.layers = layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.net
-        x = n._transform_input(x)
-        for name in ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b",
-                     "maxpool3", "inception4a", "inception4b", "inception4c", "inception4d", "inception4e",
-                     "maxpool4", "inception5a", "inception5b"):
-            x = getattr(n, name)(x)
+        x = self.net._transform_input(x)
+        for name in self.layers:
+            x = getattr(self.net, name)(x)
         return x
 
 
-class _InceptionV3Backbone(nn.Module):
-    """Inception v3 up to Mixed_7c, with its input transform (on when built with pretrained weights); the
-    auxiliary classifier only runs in training."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.net
-        x = n._transform_input(x)
-        for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
-                     "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
-                     "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"):
-            x = getattr(n, name)(x)
-        return x
+_GOOGLENET_LAYERS = ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
+                     "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4",
+                     "inception5a", "inception5b")
+_INCEPTION_V3_LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
+                        "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
+                        "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
 
 
 def _only_linear(classifier: nn.Module, arch: str) -> nn.Linear:
@@ -102,11 +91,11 @@ def _split_densenet(model: nn.Module, arch: str) -> tuple[nn.Module, nn.Linear]:
 
 
 def _split_googlenet(model: nn.Module, arch: str) -> tuple[nn.Module, nn.Linear]:
-    return _GoogLeNetBackbone(model), _only_linear(model.fc, arch)
+    return _InputTransformBackbone(model, _GOOGLENET_LAYERS), _only_linear(model.fc, arch)
 
 
 def _split_inception_v3(model: nn.Module, arch: str) -> tuple[nn.Module, nn.Linear]:
-    return _InceptionV3Backbone(model), _only_linear(model.fc, arch)
+    return _InputTransformBackbone(model, _INCEPTION_V3_LAYERS), _only_linear(model.fc, arch)
 
 
 def _split_shufflenet(model: nn.Module, arch: str) -> tuple[nn.Module, nn.Linear]:

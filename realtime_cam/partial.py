@@ -27,6 +27,8 @@ _UMASK = _read_umask()  # read once, at import: os.umask can only be read by set
 class PartialFile:
     """The temporary file an output is written to (``tmp``) until :meth:`commit` renames it onto ``path``.
 
+    As a context manager it gives ``tmp`` and, when the block ends without an error, commits it.
+
     Creating it is the first write into the output's folder, so an unwritable folder fails here.
     """
 
@@ -45,6 +47,17 @@ class PartialFile:
         finally:
             os.close(fd)
         self.tmp = Path(name)
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
+        """Complete: give it its name; in any case, remove the temporary file if it is still there."""
+        try:
+            if exc_type is None:
+                self.commit()
+        finally:
+            self.discard()
 
     def ours(self) -> bool:
         """True while ``tmp`` is still the file this object created (not removed, not replaced)."""

@@ -95,14 +95,18 @@ def check_not_an_input(path: str | os.PathLike, inputs: Sequence[str | os.PathLi
 
 def write_json(doc: object, path: str | os.PathLike) -> None:
     """Write JSON under a temporary name, then rename it: a partial file never takes the real name."""
-    partial = PartialFile(path)
     try:
-        partial.tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
-        partial.commit()
+        with PartialFile(path) as tmp:
+            tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
     except OSError as exc:
         raise SinkError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        partial.discard()
+
+
+def write_image(path: str | os.PathLike, image_bgr: np.ndarray, params: Sequence[int] = ()) -> None:
+    """An image file written whole under a temporary name, then renamed (OpenCV picks the format by suffix)."""
+    with PartialFile(path) as tmp:
+        if not cv2.imwrite(str(tmp), image_bgr, list(params)):
+            raise SinkError(f"OpenCV cannot write {path}")
 
 
 class VideoFileSink(Sink):
@@ -285,13 +289,7 @@ class ImageFileSink(Sink):
         self.complete = False
 
     def write(self, image_bgr: np.ndarray) -> None:
-        partial = PartialFile(self.path)
-        try:
-            if not cv2.imwrite(str(partial.tmp), image_bgr):
-                raise SinkError(f"OpenCV cannot write {self.path}")
-            partial.commit()
-        finally:
-            partial.discard()
+        write_image(self.path, image_bgr)
         self.frames_written += 1
         self.complete = True
 

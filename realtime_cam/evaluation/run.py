@@ -17,8 +17,8 @@ from ..errors import CamError, SinkError
 from ..explain import Request, explain
 from ..images import read_image
 from ..localize import Box
-from ..partial import PartialFile
 from ..progress import Progress
+from ..sinks import write_image
 from .annotations import GroundTruth, load_ground_truth, load_wnids, resolve_image
 from .metrics import (
     CAM_THRESHOLDS,
@@ -132,7 +132,8 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
                 frame, prediction, result = scored
                 if config.save_dir is not None:
                     out_path = unique_overlay_path(config.save_dir, gt, used_names, input_paths)
-                    write_overlay(out_path, draw_result(frame, prediction.cam, result, labels, config.box_threshold))
+                    write_image(out_path, draw_result(frame, prediction.cam, result, labels, config.box_threshold),
+                                (cv2.IMWRITE_JPEG_QUALITY, 90))
                 results.append(result)  # after its overlay: an interrupted run counts only whole files
                 if on_image is not None:
                     on_image(result)
@@ -157,17 +158,6 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
     return EvalReport(config=config, summary=summary, results=tuple(results), labels=tuple(labels),
                       seconds=elapsed, outside_crop=tuple(left_out["outside crop"]),
                       outside_image=tuple(left_out["outside image"]), interrupted=interrupted)
-
-
-def write_overlay(path: Path, image: np.ndarray) -> None:
-    """A JPEG overlay under a temporary name, renamed when whole (an interrupt never leaves half a file)."""
-    partial = PartialFile(path)
-    try:
-        if not cv2.imwrite(str(partial.tmp), image, [cv2.IMWRITE_JPEG_QUALITY, 90]):
-            raise SinkError(f"cannot write {path}")
-        partial.commit()
-    finally:
-        partial.discard()
 
 
 def make_save_dir(folder: Path) -> None:
