@@ -18,11 +18,14 @@ class Frame:
         index: 0-based position in the source (for live sources: among frames delivered).
         image_bgr: HxWx3 uint8 BGR.
         captured_at: ``time.perf_counter()`` when the frame was read, for capture-to-display latency.
+        time_s: its presentation time in the source, in seconds from the start (a video file's timestamp,
+            kept by outputs so that variable-frame-rate video keeps its timing); None when the source has none.
     """
 
     index: int
     image_bgr: np.ndarray
     captured_at: float
+    time_s: float | None = None
 
 
 @dataclass(frozen=True, eq=False)
