@@ -1,7 +1,8 @@
 """`realtime-cam bench`: frames per second on CPU vs GPU, measured in one run, reported as ratios.
 
 For each model and each device that really runs it: inference alone, the whole loop on frames held in
-memory, and file to file (decode thread -> loop -> encode thread); per-stage median/p95; each map method's
+memory, and file to file (decode thread -> loop -> encode thread), also by codec (OpenCV's mp4v against
+PyAV's H.264, see ``codec_bench``); per-stage median/p95; each map method's
 CPU time per frame against cam's; and, when torch is installed, the seed approach (PyTorch eager forward +
 numpy CAM + OpenCV overlay) as a baseline (the report says when it was left out, and why).
 Models after the first are also compared with the first for fidelity (top-1 agreement, map Pearson r).
@@ -24,6 +25,7 @@ import cv2
 import numpy as np
 
 from . import __version__
+from .codec_bench import bench_codecs, format_codecs
 from .contract import FEATURES, LOGITS
 from .errors import CamError, DeviceError
 from .fidelity import fidelity
@@ -441,7 +443,11 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict:
                 row["methods"] = bench_methods(model, frames, config.warmup, options)
                 log(f"[{device}] {name}: file to file")
                 row["file_to_file"] = bench_file_to_file(model, source, config.frames, tmp_dir, options)
+                log(f"[{device}] {name}: video files: decode, encode and file to file by codec")
+                row["codecs"] = bench_codecs(model, source, frames, config.frames, tmp_dir, options)
                 row["ratios"] = {"file_to_file_vs_inference": row["file_to_file"]["fps"] / row["inference"]["fps"]}
+                if "h264_vs_mp4v" in row["codecs"]:
+                    row["ratios"]["file_to_file_h264_vs_mp4v"] = row["codecs"]["h264_vs_mp4v"]
                 if batch > 1:
                     row["ratios"]["file_to_file_vs_inference_batched"] = (
                         row["file_to_file"]["fps"] / row["inference_batched"]["fps"])
@@ -522,6 +528,8 @@ def format_table(report: dict) -> str:
         if cpu:
             stage_lines.append(f"  {Path(r['model']).name} [{r['device']}] CPU ms per frame, file to file: "
                                + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+        if r.get("codecs"):
+            stage_lines += format_codecs(Path(r["model"]).name, r["device"], r["codecs"])
         resident = r.get("inference_resident")
         if resident:
             stage_lines.append(

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The registries the choices come from, imported here: the module itself stays light to import, so that
     # a Ctrl-C in the first moments of a command is already handled by main().
     from .cams import METHODS
+    from .encoders import VIDEO_CODECS
     from .export.options import (
         CALIBRATIONS,
         DEFAULT_ARCH,
@@ -60,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     from .overlay import COLORMAPS
     from .pipeline import DEFAULT_BATCH
     from .providers import DEVICES
-    from .sinks import VIDEO_CODECS
     from .temporal import SCALES
     from .view import KEY_HELP
 
@@ -91,8 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=DEVICES, default="auto",
                      help="where the model runs; auto uses CUDA when its provider really starts")
     run.add_argument("--output", type=Path, default=None,
-                     help=f"write the overlay: a video ({' '.join(VIDEO_CODECS)}) at the source's size and frame "
-                          f"rate, or an image ({' '.join(sorted(WRITABLE_IMAGE_EXTENSIONS))}) for an image source")
+                     help=f"write the overlay: a video ({' '.join(VIDEO_CODECS)}) with the source's size, frame "
+                          "times and audio (.mp4: H.264 that browsers play), or an image "
+                          f"({' '.join(sorted(WRITABLE_IMAGE_EXTENSIONS))}) for an image source")
+    run.add_argument("--codec", default=None, metavar="NAME",
+                     help="video output: an FFmpeg encoder (default by container: "
+                          + ", ".join(f"{k} {v}" for k, v in VIDEO_CODECS.items())
+                          + "; with --device cuda, h264_nvenc when it opens)")
+    run.add_argument("--crf", type=non_negative_int, default=None, metavar="N",
+                     help="video output: the encoder's constant quality (lower: better and larger; libx264 "
+                          "default 23, VP9 32)")
     run.add_argument("--no-display", action="store_true", help="no window (headless; use with --output)")
     run.add_argument("--max-frames", type=positive_int, default=None, help="stop after N frames")
     run.add_argument("--batch", type=batch_count, default=DEFAULT_BATCH, metavar="N",
@@ -263,10 +271,12 @@ def _export_missing_default(path: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .encoders import VideoSettings, check_codec
     from .model import CamModel
     from .overlay import COLORMAPS
     from .pipeline import RunOptions, hold_window, run_loop
     from .progress import Progress
+    from .providers import CUDA
     from .sinks import FILE_SINKS, WindowSink, check_output_path, open_file_sink
     from .sources import check_source, open_source
     from .temporal import TemporalOptions
@@ -275,6 +285,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_source(args.source)  # a typo is reported before a model is loaded (or exported the first time)
     if args.output is not None:  # refuse an unwritable output before any work is done
         check_output_path(args.output, FILE_SINKS, inputs=(args.source, args.model))
+    if args.codec is not None:
+        check_codec(args.codec)
     if args.no_display and args.output is None:
         log.info("--no-display without --output: frames are processed and dropped (a dry run)")
     model_path = args.model
@@ -301,8 +313,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         with open_source(args.source, reconnect=args.reconnect) as source, contextlib.ExitStack() as outputs:
             # Every output is a context manager: on Ctrl-C or an error each video is finalised and renamed.
             if args.output is not None:
+                settings = VideoSettings(codec=args.codec, crf=args.crf, hardware=model.provider == CUDA,
+                                         audio_from=args.source if source.kind == "video" and not source.live
+                                         and Path(args.source).is_file() else None)
                 sinks.append(outputs.enter_context(
-                    open_file_sink(args.output, source.fps, source.size_wh, source.kind, source.live)))
+                    open_file_sink(args.output, source.fps, source.size_wh, source.kind, source.live, settings)))
             window = None if args.no_display else outputs.enter_context(WindowSink(f"realtime-cam: {args.source}"))
             options = RunOptions(
                 view=ViewState(method=method, pinned_class=class_id, topk=args.topk, show_box=args.box,
@@ -313,7 +328,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 record_fps=source.fps or 30.0, pace_fps=source.fps if source.kind == "video" else 0.0,
                 live_source=source.live, batch=args.batch,
             )
-            progress = None if source.live or source.kind == "image" else Progress(source.frame_count, estimate=True)
+            progress = None
+            if not source.live and source.kind != "image":
+                progress = Progress(source.frame_count, estimate=not source.frame_count_exact,
+                                    recount=lambda: source.frame_count if source.frame_count_exact else None)
             result = run_loop(model, source, sinks=sinks, window=window, options=options, progress=progress)
             if window is not None and source.kind == "image" and result.stopped_by == "end":
                 hold_window(window)

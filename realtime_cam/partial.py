@@ -69,14 +69,18 @@ class PartialFile:
     def commit(self) -> Path:
         """Give the complete file its name; a one-line error when it vanished or cannot be renamed."""
         if not self.ours():
-            raise SinkError(f"writing {self.path} failed: its temporary file {self.tmp} was removed or replaced "
-                            "during the run (was the folder deleted, or another program writing there?)")
+            raise self.gone()
         try:
             os.replace(self.tmp, self.path)
         except OSError as exc:
             raise SinkError(f"cannot give {self.path} its name ({exc.strerror or exc}); the complete file is "
                             f"{self.tmp}") from None
         return self.path
+
+    def gone(self) -> SinkError:
+        """The error for a temporary file that is no longer this object's."""
+        return SinkError(f"writing {self.path} failed: its temporary file {self.tmp} was removed or replaced "
+                         "during the run (was the folder deleted, or another program writing there?)")
 
     def discard(self) -> None:
         """Remove the temporary file, if it is still the one this object created."""

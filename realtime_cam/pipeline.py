@@ -160,7 +160,7 @@ def step(model: CamModel, frame: Frame, out: Outputs, view: ViewState, options: 
     overlay = render(frame.image_bgr, prediction, style, hud, box_xyxy=box, help_lines=help_lines)
     t2 = time.perf_counter()
     for sink in sinks:
-        sink.write(overlay)
+        sink.write_frame(overlay, frame)
     t3 = time.perf_counter()
     if times is not None:
         times.add("cam", t1 - t0)

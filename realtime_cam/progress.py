@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 
@@ -14,12 +15,15 @@ class Progress:
         total: the expected number of frames, or None when unknown (live sources). A container's
             frame count can be wrong, so it is shown as an estimate ('~') until the end.
         estimate: True when ``total`` comes from a container header.
+        recount: called at each update while ``total`` is an estimate: the real total once it is known
+            (a file's frames counted in the background), else None.
     """
 
     def __init__(self, total: int | None, estimate: bool = False, stream: TextIO | None = None,
-                 label: str = "frames") -> None:
+                 label: str = "frames", recount: Callable[[], int | None] | None = None) -> None:
         self.total = total
         self.estimate = estimate
+        self.recount = recount
         self.label = label
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -35,6 +39,10 @@ class Progress:
         return f"{self.label} {done} {fps:.1f} FPS"
 
     def update(self, done: int, fps: float) -> None:
+        if self.estimate and self.recount is not None:
+            counted = self.recount()
+            if counted is not None:
+                self.total, self.estimate = counted, False
         now = time.monotonic()
         if self.tty:
             if now - self._last_draw >= 0.1:

@@ -22,15 +22,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .encoders import ENCODERS, VIDEO_CODECS, VideoSettings, unreadable_end
 from .errors import SinkError
 from .images import WRITABLE_IMAGE_EXTENSIONS
 from .partial import PartialFile
-from .sources import opencv_quiet
 from .threads import HELPER_CPU, lower_this_threads_priority
 from .types import Frame, Prediction
-
-# Container -> codec OpenCV's bundled FFmpeg writes without extra libraries.
-VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
 
 
 class Sink:
@@ -50,6 +47,10 @@ class Sink:
 
     def write(self, image_bgr: np.ndarray) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def write_frame(self, image_bgr: np.ndarray, frame: Frame) -> None:
+        """An overlay and the frame it shows: sinks that keep the frame's time override this."""
+        self.write(image_bgr)
 
     def close(self) -> None:
         pass
@@ -113,17 +114,19 @@ class VideoFileSink(Sink):
     """Writes frames to a video file from a background thread (encoding overlaps inference).
 
     Args:
-        path: output file; its extension picks the container and codec (VIDEO_CODECS).
-        fps: frame rate written in the file (the source's, so the video plays at the source's speed).
+        path: output file; its extension picks the container and the default codec (VIDEO_CODECS).
+        fps: the file's frame rate (the source's): frames without a time of their own are 1/fps apart.
         size_wh: (width, height); frames of another size are resized to it.
         queue_size: frames waiting for the encoder before ``write`` blocks.
         real_time: for live sources, where frames are skipped when explaining is slower than the camera:
             each frame is written as many times as ``fps`` frames fit in the wall-clock time since the
             previous one, so the video plays at real speed. Off, every frame is written once (files).
+        settings: codec, quality, hardware encoder, audio to copy (see ``encoders.VideoSettings``).
+        encoder: "pyav" (FFmpeg through PyAV) or "opencv" (OpenCV's writer, kept for comparison).
     """
 
     def __init__(self, path: str | os.PathLike, fps: float, size_wh: tuple[int, int], queue_size: int = 8,
-                 real_time: bool = False) -> None:
+                 real_time: bool = False, settings: VideoSettings = VideoSettings(), encoder: str = "pyav") -> None:
         self.path = check_output_path(path, VIDEO_CODECS)
         self.size_wh = size_wh
         self.fps = fps if fps > 0 else 30.0
@@ -134,13 +137,16 @@ class VideoFileSink(Sink):
         self._slots = 0  # frames handed to the encoder so far (real_time: what the clock says is due)
         self.encode_ms: collections.deque[float] = collections.deque(maxlen=10_000)
         self._partial = PartialFile(self.path)
-        fourcc = cv2.VideoWriter_fourcc(*VIDEO_CODECS[self.path.suffix.lower()])
-        self._writer = cv2.VideoWriter(str(self._partial.tmp), fourcc, self.fps, size_wh)
-        if not self._writer.isOpened():
-            self._writer.release()
+        try:
+            self._writer = ENCODERS[encoder](self._partial.tmp, self.path.suffix.lower(), self.fps, size_wh,
+                                             settings, name=str(self.path))
+        except BaseException:
             self._partial.discard()
-            raise SinkError(f"OpenCV cannot write {self.path} (codec {VIDEO_CODECS[self.path.suffix.lower()]})")
-        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=queue_size)
+            raise
+        self.codec = self._writer.codec
+        self._first_time: float | None = None
+        self._last_time: float | None = None
+        self._queue: queue.Queue[tuple[np.ndarray, float] | None] = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._encode_loop, name=f"encode:{self.path.name}", daemon=True)
@@ -150,25 +156,37 @@ class VideoFileSink(Sink):
         lower_this_threads_priority()
         try:
             while True:
-                image = self._queue.get()
-                if image is None:
+                item = self._queue.get()
+                if item is None:
                     return
                 if self._error is not None:
-                    continue  # keep draining so a blocked write() returns; the error surfaces there
+                    continue  # the first failed write stops the file; keep draining so a blocked write() returns
+                image, time_s = item
                 try:
                     t0 = time.perf_counter()
-                    with opencv_quiet():  # a failed write (a full disk) is logged per frame; the read-back says it once
-                        self._writer.write(image)
+                    self._writer.write(image, time_s)
                     self.encode_ms.append((time.perf_counter() - t0) * 1000.0)
                     self.frames_written += 1
+                    if self._first_time is None:
+                        self._first_time = time_s
+                    self._last_time = time_s
                 except BaseException as exc:
                     self._error = exc
         finally:
             HELPER_CPU.add_this_thread("encode")
 
     def write(self, image_bgr: np.ndarray) -> None:
-        if self._error is not None:
-            raise SinkError(f"writing {self.path} failed: {self._error}")
+        self._put(image_bgr, None)
+
+    def write_frame(self, image_bgr: np.ndarray, frame: Frame) -> None:
+        """Written at the frame's own time in its source, when it has one (a video file's timestamps)."""
+        self._put(image_bgr, None if self.real_time else frame.time_s)
+
+    def _put(self, image_bgr: np.ndarray, time_s: float | None) -> None:
+        if self._closed:
+            raise SinkError(f"{self.path} is already closed")
+        if self._error is not None:  # the first failed write stops the run: close now (raises what is left)
+            self.close()
         w, h = self.size_wh
         if image_bgr.shape[1] != w or image_bgr.shape[0] != h:
             image_bgr = cv2.resize(image_bgr, (w, h), interpolation=cv2.INTER_AREA)
@@ -179,26 +197,34 @@ class VideoFileSink(Sink):
                 self._started_at = now
             due = int((now - self._started_at) * self.fps) + 1
             copies = max(1, due - self._slots)
-        for _ in range(copies):
-            self._queue.put(image_bgr)
+        for i in range(copies):
+            self._queue.put((image_bgr, time_s if time_s is not None else (self._slots + i) / self.fps))
         self._slots += copies
 
     def close(self) -> None:
         """Flush, finalise the container, and give the file its real name."""
         if self._closed:
-            return
+            return  # its error, if any, was raised when it closed
         with signals_held():  # a Ctrl-C (or SIGTERM) now is acted on once the container is finalised
             self._queue.put(None)
             self._thread.join()
-            self._writer.release()
+            if self._error is None:
+                try:
+                    self._writer.close()
+                except BaseException as exc:  # a full disk when the last frames or the index are written
+                    self._error = exc
+            if self._error is not None:
+                self._writer.abort()
             self._closed = True
         if not self.frames_written:
             self._partial.discard()
         elif self._error is None:
             self._finalise()
         if self._error is not None:
-            kept = f"; what was written is left in {self._partial.tmp}" if self._partial.ours() else ""
-            raise SinkError(f"writing {self.path} failed: {self._error}{kept}")
+            if not self._partial.ours():  # the likely cause of the error, and what the user must know
+                raise self._partial.gone()
+            raise SinkError(f"writing {self.path} failed: {_reason(self._error)}; what was written is left in "
+                            f"{self._partial.tmp}")
 
     @property
     def temporary_path(self) -> Path:
@@ -210,14 +236,22 @@ class VideoFileSink(Sink):
         temporary name, when its last frame does not decode)."""
         tmp = self._partial.tmp
         if self._partial.ours():
-            # OpenCV's writer does not report a failed write (a full disk, a file-size limit): it only logs. So
-            # the finished file is read back: its last frame must decode, whatever the container states.
-            problem = unreadable_end(tmp, self.frames_written)
+            # A writer may not report a failed write (OpenCV's only logs it), and a container can state frames
+            # it does not hold: the finished file is read back, its last frame must decode.
+            span = None if self._first_time is None else self._last_time - self._first_time
+            problem = unreadable_end(tmp, self.frames_written, span)
             if problem:
                 raise SinkError(f"writing {self.path} failed: the finished file {problem} (is the disk full?); "
                                 f"what was written is left in {tmp}")
         self._partial.commit()  # says so when the temporary file vanished or cannot be renamed
         self.complete = True
+
+
+def _reason(exc: BaseException) -> str:
+    """An error's reason without the temporary path FFmpeg's errors repeat."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"[Errno {exc.errno}] {exc.strerror}" if exc.errno else exc.strerror
+    return str(exc)
 
 
 @contextlib.contextmanager
@@ -261,23 +295,6 @@ def signals_held(second_aborts: bool = False) -> Iterator[None]:
         restore()
         if len(caught) == 1 or (caught and not second_aborts):
             act_on(caught[0], previous[caught[0]])
-
-
-def unreadable_end(path: Path, frames: int) -> str | None:
-    """Why a video file written with ``frames`` frames does not hold them all (None when it does): it does
-    not open, or its last frame does not decode (a container can state frames it does not hold). Seeking
-    to the last frame costs the same for a long file as for a short one."""
-    with opencv_quiet():
-        cap = cv2.VideoCapture(str(path))
-        try:
-            if not cap.isOpened():
-                return "is no readable video"
-            cap.set(cv2.CAP_PROP_POS_FRAMES, max(0, frames - 1))
-            if not cap.grab():
-                return f"does not decode up to its frame {frames}"
-            return None
-        finally:
-            cap.release()
 
 
 class ImageFileSink(Sink):
@@ -397,26 +414,29 @@ class WindowSink(Sink):
             pass
 
 
-def _video_sink(path: Path, fps: float, size_wh: tuple[int, int], kind: str, live: bool) -> Sink:
-    return VideoFileSink(path, fps, size_wh, real_time=live)
+def _video_sink(path: Path, fps: float, size_wh: tuple[int, int], kind: str, live: bool,
+                settings: VideoSettings) -> Sink:
+    return VideoFileSink(path, fps, size_wh, real_time=live, settings=settings)
 
 
-def _image_sink(path: Path, fps: float, size_wh: tuple[int, int], kind: str, live: bool) -> Sink:
+def _image_sink(path: Path, fps: float, size_wh: tuple[int, int], kind: str, live: bool,
+                settings: VideoSettings) -> Sink:
     if kind != "image":
         raise SinkError(f"{path.name} is an image: use a video extension for a {kind}")
     return ImageFileSink(path)
 
 
-# Output file suffix -> the sink that writes it, given (path, fps, size_wh, source kind, live source).
-FILE_SINKS: dict[str, Callable[[Path, float, tuple[int, int], str, bool], Sink]] = {
+# Output file suffix -> the sink that writes it, given (path, fps, size_wh, source kind, live source, settings).
+FILE_SINKS: dict[str, Callable[[Path, float, tuple[int, int], str, bool, VideoSettings], Sink]] = {
     **dict.fromkeys(VIDEO_CODECS, _video_sink),
     **dict.fromkeys(sorted(WRITABLE_IMAGE_EXTENSIONS), _image_sink),
 }
 
 
-def open_file_sink(path: Path, fps: float, size_wh: tuple[int, int], kind: str, live: bool) -> Sink:
-    """The sink for an output file, chosen by its suffix (see FILE_SINKS)."""
+def open_file_sink(path: Path, fps: float, size_wh: tuple[int, int], kind: str, live: bool,
+                   settings: VideoSettings = VideoSettings()) -> Sink:
+    """The sink for an output file, chosen by its suffix (see FILE_SINKS); ``settings`` apply to videos."""
     factory = FILE_SINKS.get(path.suffix.lower())
     if factory is None:
         raise SinkError(f"cannot write {path.name}: use one of {' '.join(FILE_SINKS)}")
-    return factory(path, fps, size_wh, kind, live)
+    return factory(path, fps, size_wh, kind, live, settings)

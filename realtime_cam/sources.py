@@ -1,5 +1,7 @@
 """Frame sources: webcams, streams (RTSP/HTTP), video files and images, each a context manager.
 
+Webcams and streams are read by OpenCV's capture; video files by FFmpeg through PyAV (``video_file``).
+
 Capture runs in a daemon thread per source with an explicit policy:
 - ``latest`` for live sources: the newest frame wins, so the view never lags behind the camera;
 - ``queue`` for files: every frame, in order, through a bounded queue (the reader waits).
@@ -14,7 +16,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -23,7 +25,7 @@ import numpy as np
 from .errors import SourceError
 from .images import is_image_path, read_image
 from .preprocess import as_bgr
-from .threads import HELPER_CPU, ProcessWideOverride, few_cores, interruptible, lower_this_threads_priority
+from .threads import HELPER_CPU, ProcessWideOverride, interruptible, lower_this_threads_priority
 from .types import Frame
 
 log = logging.getLogger("realtime_cam")
@@ -128,11 +130,13 @@ class FrameSource:
         live: True for webcams and streams (``latest`` policy), False for files (``queue`` policy).
         fps: the source's frame rate (0 when unknown or a still image).
         size_wh: (width, height) of the first frame.
-        frame_count: the container's claim of its length, or None; never trust it for control flow.
+        frame_count: the frames it holds, or None; never trust it for control flow (until
+            ``frame_count_exact``, it is a container's claim).
     """
 
     kind = "?"
     live = False
+    frame_count_exact = False
 
     def __init__(self, spec: str) -> None:
         self.spec = spec
@@ -163,65 +167,100 @@ class ImageSource(FrameSource):
         self._image = interruptible(lambda: read_image(spec), name=f"open:{spec}")  # a FIFO would block
         self.size_wh = (self._image.shape[1], self._image.shape[0])
         self.frame_count = 1
+        self.frame_count_exact = True
 
     def __iter__(self) -> Iterator[Frame]:
         yield Frame(0, self._image, time.perf_counter())
 
 
-class CaptureSource(FrameSource):
-    """Anything ``cv2.VideoCapture`` opens, read by a daemon thread into a :class:`FrameBuffer`."""
+class OpenCvReader:
+    """A ``cv2.VideoCapture`` (a webcam, a stream) as a reader: :meth:`read` gives (BGR, None) or None."""
 
-    def __init__(self, spec: str, target: int | str, kind: str, live: bool, describe: str,
-                 reconnect: int = 0, backoff_s: float = 0.5, open_params: Sequence[int] = ()) -> None:
+    def __init__(self, target: int | str, describe: str) -> None:
+        try:
+            with opencv_quiet():
+                self._cap = cv2.VideoCapture(target)
+        except (cv2.error, OverflowError, SystemError):
+            raise SourceError(f"cannot open {describe}") from None
+        if not self._cap.isOpened():
+            self._cap.release()
+            raise SourceError(f"cannot open {describe}")
+        fps = self._cap.get(cv2.CAP_PROP_FPS)
+        self.fps = float(fps) if fps and np.isfinite(fps) and 0 < fps < 1000 else 0.0
+        count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        self.frame_count = count if count > 0 else None
+
+    def read(self) -> tuple[np.ndarray, None] | None:
+        ok, image = self._cap.read()
+        return (image, None) if ok and image is not None else None
+
+    def release(self) -> None:
+        self._cap.release()
+
+
+class CaptureSource(FrameSource):
+    """A reader (OpenCV's capture, or a video file through PyAV) read by a daemon thread into a
+    :class:`FrameBuffer`.
+
+    Args:
+        open_reader: opens the source; returns an object with ``read() -> (BGR image, time_s | None) | None``
+            (None at the end), ``release()``, ``fps`` and ``frame_count``; raises SourceError when it cannot.
+        count_frames: for files, counts the real frames in the background (see ``video_file.FrameCounter``).
+    """
+
+    def __init__(self, spec: str, open_reader: Callable[[], object], kind: str, live: bool, describe: str,
+                 reconnect: int = 0, backoff_s: float = 0.5, count_frames: Callable[[], object] | None = None,
+                 ) -> None:
         super().__init__(spec)
         self.kind = kind
         self.live = live
         self.reconnects = 0
-        self._target = target
+        self._open_reader = open_reader
         self._describe = describe
         self._reconnect = reconnect
         self._backoff_s = backoff_s
-        self._open_params = list(open_params)
         # Opening can block without end (a named pipe with no writer, a host that never answers): in a
         # thread of its own, so that Ctrl-C and SIGTERM still end the run.
-        self._cap, first = interruptible(self._open_first, name=f"open:{spec}")
-        self._first = Frame(0, as_bgr(first), time.perf_counter())
+        self._reader, (first, time_s) = interruptible(self._open_first, name=f"open:{spec}")
+        self._first = Frame(0, as_bgr(first), time.perf_counter(), time_s)
         self.size_wh = (self._first.image_bgr.shape[1], self._first.image_bgr.shape[0])
-        fps = self._cap.get(cv2.CAP_PROP_FPS)
-        self.fps = float(fps) if fps and np.isfinite(fps) and 0 < fps < 1000 else 0.0
-        count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        if live and kind == "stream" and count > 0:
+        self.fps = self._reader.fps
+        count = self._reader.frame_count
+        if live and kind == "stream" and count:
             # A URL whose container states a frame count is a file served by URL (http://host/clip.avi,
             # file://...), not a live stream: every frame, in order, and its end ends the run (taken for a
             # dropout, it was reopened and played again without end).
             self.live, self.kind = False, "video"
-        self.frame_count = count if count > 0 and not self.live else None
+        self._claimed_count = count if count and not self.live else None
+        self._counter = count_frames() if count_frames is not None and not self.live else None
         self._buffer = FrameBuffer("latest" if self.live else "queue")
         self.decode_ms: collections.deque[float] = collections.deque(maxlen=10_000)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _open_first(self) -> tuple[cv2.VideoCapture, np.ndarray]:
-        """Open the capture and read its first frame: fail fast, a source that opens but yields nothing is an
-        error now."""
-        try:
-            cap = self._open()
-        except (cv2.error, OverflowError, SystemError):
-            raise SourceError(f"cannot open {self._describe}") from None
-        if not cap.isOpened():
-            cap.release()
-            raise SourceError(f"cannot open {self._describe}")
-        ok, first = cap.read()
-        if not ok or first is None:
-            cap.release()
-            raise SourceError(f"{self._describe} opened but no frame could be read from it")
-        return cap, first
+    @property
+    def frame_count(self) -> int | None:
+        """The frames the file holds once counted, else the container's claim (see ``frame_count_exact``)."""
+        counted = self._counter.count if self._counter is not None else None
+        return counted if counted is not None else self._claimed_count
 
-    def _open(self) -> cv2.VideoCapture:
-        with opencv_quiet():
-            if self._open_params:
-                return cv2.VideoCapture(self._target, cv2.CAP_ANY, self._open_params)
-            return cv2.VideoCapture(self._target)
+    @frame_count.setter
+    def frame_count(self, value: int | None) -> None:  # FrameSource.__init__ sets it
+        self._claimed_count = value
+
+    @property
+    def frame_count_exact(self) -> bool:
+        return self._counter is not None and self._counter.count is not None
+
+    def _open_first(self) -> tuple[object, tuple[np.ndarray, float | None]]:
+        """Open the reader and read its first frame: fail fast, a source that opens but yields nothing is an
+        error now."""
+        reader = self._open_reader()
+        first = reader.read()
+        if first is None:
+            reader.release()
+            raise SourceError(f"{self._describe} opened but no frame could be read from it")
+        return reader, first
 
     def _read_loop(self) -> None:
         lower_this_threads_priority()
@@ -230,22 +269,22 @@ class CaptureSource(FrameSource):
         try:
             while not self._stop.is_set():
                 t0 = time.perf_counter()
-                ok, image = self._cap.read()
-                if not ok or image is None:
+                got = self._reader.read()
+                if got is None:
                     if not self.live:
                         break  # end of file
-                    image = None if self._stop.is_set() else self._reopen()
-                    if image is None:
+                    got = None if self._stop.is_set() else self._reopen()
+                    if got is None:
                         if not self._stop.is_set():
                             error = SourceError(
                                 f"{self._describe} stopped delivering frames"
                                 + (f"; gave up after {self._reconnect} reconnect tries" if self._reconnect else
                                    " (use --reconnect N to retry)"))
                         break
-                image = as_bgr(image)
+                image = as_bgr(got[0])
                 t1 = time.perf_counter()
                 self.decode_ms.append((t1 - t0) * 1000.0)
-                if not self._buffer.put(Frame(index, image, t1)):
+                if not self._buffer.put(Frame(index, image, t1, got[1])):
                     break
                 index += 1
         except BaseException as exc:  # surfaces in the main thread through the buffer
@@ -253,11 +292,11 @@ class CaptureSource(FrameSource):
         finally:
             # Once started, this thread owns the capture: it alone may release it, after its last read
             # (a stalled network read can outlast close()'s wait).
-            self._cap.release()
+            self._reader.release()
             HELPER_CPU.add_this_thread("capture")
             self._buffer.finish(error)
 
-    def _reopen(self) -> np.ndarray | None:
+    def _reopen(self) -> tuple[np.ndarray, float | None] | None:
         """A live source dropped out: reopen it, waiting 1x, 2x, 4x, ... the backoff between tries.
 
         Returns the first frame after reconnecting, or None when every try failed (or the source closed).
@@ -267,16 +306,19 @@ class CaptureSource(FrameSource):
             if self._stop.wait(delay):  # an Event wait: close() interrupts it at once
                 return None
             delay *= 2
-            self._cap.release()
-            self._cap = self._open()
+            self._reader.release()
+            try:
+                self._reader = self._open_reader()
+            except SourceError:
+                self._reader = _Closed()
+                continue
             if self._stop.is_set():
                 return None  # closed while reconnecting: the finally of the read loop releases the capture
-            if self._cap.isOpened():
-                ok, image = self._cap.read()
-                if ok and image is not None:
-                    self.reconnects += 1
-                    log.warning("%s: reconnected (try %d of %d)", self._describe, attempt, self._reconnect)
-                    return image
+            got = self._reader.read()
+            if got is not None:
+                self.reconnects += 1
+                log.warning("%s: reconnected (try %d of %d)", self._describe, attempt, self._reconnect)
+                return got
         return None
 
     def __iter__(self) -> Iterator[Frame]:
@@ -300,13 +342,25 @@ class CaptureSource(FrameSource):
         self._stop.set()
         self._buffer.close()
         if self._thread is None:
-            self._cap.release()  # never started: the capture is still ours to release
+            self._reader.release()  # never started: the capture is still ours to release
             return
         # A file's reader ends at once (the buffer is closed); a stalled stream's read may last until OpenCV's
         # own timeout (30 s): the thread releases the capture itself, so closing need not wait for it.
         self._thread.join(timeout=1.0)
         if self._thread.is_alive():
             log.warning("%s: still blocked in a read; it is released when that read returns", self._describe)
+
+
+class _Closed:
+    """Where a reader that could not be reopened was: reads nothing, releases nothing."""
+
+    fps, frame_count = 0.0, None
+
+    def read(self) -> None:
+        return None
+
+    def release(self) -> None:
+        pass
 
 
 def _is_webcam(spec: str) -> bool:
@@ -319,12 +373,13 @@ def _is_url(spec: str) -> bool:
 
 def _open_webcam(spec: str, reconnect: int = 0) -> FrameSource:
     index = int(spec)
-    return CaptureSource(spec, index, "webcam", True, f"webcam {index} (no such camera, or it is busy)",
-                         reconnect=reconnect)
+    describe = f"webcam {index} (no such camera, or it is busy)"
+    return CaptureSource(spec, lambda: OpenCvReader(index, describe), "webcam", True, describe, reconnect=reconnect)
 
 
 def _open_stream(spec: str, reconnect: int = 0) -> FrameSource:
-    return CaptureSource(spec, spec, "stream", True, f"stream {spec}", reconnect=reconnect)
+    describe = f"stream {spec}"
+    return CaptureSource(spec, lambda: OpenCvReader(spec, describe), "stream", True, describe, reconnect=reconnect)
 
 
 def _check_file(spec: str) -> None:
@@ -346,15 +401,14 @@ def _open_image(spec: str, reconnect: int = 0) -> FrameSource:
     return ImageSource(spec)
 
 
-def file_decode_params() -> list[int]:
-    """VideoCapture open parameters for a video file: one decoding thread on a machine with few cores
-    (see ``threads.FEW_CORES``), FFmpeg's choice otherwise."""
-    return [cv2.CAP_PROP_N_THREADS, 1] if few_cores() else []
-
-
 def _open_video(spec: str, reconnect: int = 0) -> FrameSource:
+    from .video_file import FrameCounter, VideoFileReader
+
     _check_file(spec)
-    return CaptureSource(spec, spec, "video", False, f"{spec} as a video", open_params=file_decode_params())
+    # Counted only in a regular file: a named pipe read twice would lose the frames the counter took.
+    counter = (lambda: FrameCounter(spec)) if Path(spec).is_file() else None
+    return CaptureSource(spec, lambda: VideoFileReader(spec), "video", False, f"{spec} as a video",
+                         count_frames=counter)
 
 
 # Tried in order; the first whose test accepts the spec opens it. A new kind is one line here.

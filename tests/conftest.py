@@ -72,3 +72,14 @@ def tiny_onnx(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny.onnx"
     onnx.save(tiny_contract_model(), str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """One headless chromium (Debian's, driven by Playwright) for the whole test session."""
+    from browser import HAVE_BROWSER, launched_chromium
+
+    if not HAVE_BROWSER:
+        pytest.skip("needs Debian's chromium and pip's playwright")
+    with launched_chromium() as browser:
+        yield browser

@@ -152,14 +152,17 @@ def test_an_encoder_error_keeps_the_file_under_its_temporary_name(tmp_path):
     class Failing:
         calls = 0
 
-        def write(self, image):
+        def write(self, image, time_s):
             Failing.calls += 1
             if Failing.calls > 2:
                 raise OSError(28, "No space left on device")
-            real.write(image)
+            real.write(image, time_s)
 
-        def release(self):
-            real.release()
+        def close(self):
+            real.close()
+
+        def abort(self):
+            real.abort()
 
     sink._writer = Failing()
     try:

@@ -12,8 +12,8 @@ from onnx import helper, numpy_helper
 
 from realtime_cam import CamModel, threads
 from realtime_cam.pipeline import RunOptions, run_loop
-from realtime_cam.sinks import Sink
-from realtime_cam.sources import Frame, file_decode_params, open_source
+from realtime_cam.sinks import Sink, VideoFileSink
+from realtime_cam.sources import Frame, open_source
 from realtime_cam.timing import Pacer, Rate
 from realtime_cam.view import ViewState
 
@@ -177,11 +177,20 @@ def test_opencv_runs_single_threaded_on_few_cores_and_comes_back(tiny, monkeypat
         assert cv2.getNumThreads() == 3
 
 
-def test_files_are_decoded_by_one_thread_only_on_few_cores(monkeypatch):
-    monkeypatch.setattr("realtime_cam.sources.few_cores", lambda: True)
-    assert file_decode_params() == [cv2.CAP_PROP_N_THREADS, 1]
-    monkeypatch.setattr("realtime_cam.sources.few_cores", lambda: False)
-    assert file_decode_params() == []
+def test_files_are_decoded_by_one_thread_only_on_few_cores(monkeypatch, tmp_path):
+    from realtime_cam.video_file import VideoFileReader, decode_threads
+
+    clip = tmp_path / "c.mp4"
+    with VideoFileSink(clip, 25, (64, 48)) as sink:
+        for i in range(3):
+            sink.write(np.full((48, 64, 3), 40 * i, np.uint8))
+    monkeypatch.setattr("realtime_cam.video_file.few_cores", lambda: True)
+    assert decode_threads() == 1
+    reader = VideoFileReader(str(clip))
+    assert reader._stream.thread_count == 1
+    reader.release()
+    monkeypatch.setattr("realtime_cam.video_file.few_cores", lambda: False)
+    assert decode_threads() == 0  # FFmpeg's choice
 
 
 @needs_shared

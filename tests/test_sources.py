@@ -71,10 +71,13 @@ def test_video_file_yields_every_decodable_frame_not_the_header_count():
     path = shared("videos", "vtest.avi")
     with open_source(str(path)) as src:
         assert src.kind == "video" and not src.live
-        assert src.frame_count == 682  # what the header claims
-        assert src.size_wh == (1280, 720) and src.fps == pytest.approx(50.0)
-        indices = [f.index for f in src]
-    assert indices == list(range(341))  # what OpenCV really decodes
+        assert src.size_wh == (1280, 720)
+        assert src.fps == pytest.approx(25.0)  # its header says 50 (682 frames in 13.6 s): it plays at 25
+        frames = list(src)
+        assert src.frame_count == 341 and src.frame_count_exact  # counted; the header claims 682
+    assert [f.index for f in frames] == list(range(341))
+    times = [f.time_s for f in frames]
+    assert times[:3] == pytest.approx([0.0, 0.04, 0.08]) and times[-1] == pytest.approx(340 * 0.04)
 
 
 @needs_shared
