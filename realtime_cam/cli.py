@@ -478,6 +478,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _configure_logging()
         if not debug:  # FFmpeg's own error lines ("moov atom not found") beside ours; read when FFmpeg first runs
             os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "0")
+        else:  # PyAV keeps FFmpeg's log off unless asked
+            import av
+
+            av.logging.set_level(av.logging.WARNING)
         from . import sources
 
         sources.QUIET_OPENCV_ON_OPEN = not args.debug
