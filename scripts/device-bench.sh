@@ -25,7 +25,8 @@ pack() {
     trap 'rm -rf "$work"' EXIT
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 -d "$work" "onnxruntime-gpu==$ORT_GPU_VERSION" "onnxconverter-common>=1.14"
+        --platform manylinux2014_x86_64 -d "$work" "onnxruntime-gpu==$ORT_GPU_VERSION" "onnxconverter-common>=1.14" \
+        "av>=18" "threadpoolctl>=3.1"  # PyAV (video files, NVENC) and threadpoolctl: runtime needs the image lacks
     mkdir -p "$work/site"
     (cd "$work/site" && for w in "$work"/*.whl; do python3 -m zipfile -e "$w" .; done)
     # The TensorRT provider is not used (and needs TensorRT, which the machine lacks): it is a third of the wheel.
@@ -61,6 +62,7 @@ unpack() {
         for i in $(seq 1 "$count"); do cat "$STAGE/part.$i"; done | xz -d | tar -C "$SITE" -xf -
         rm -f "$STAGE"/part.*
         PYTHONPATH=$SITE python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+        PYTHONPATH=$SITE python3 -c "import av; print('av', av.__version__, 'h264_nvenc' in av.codecs_available)"
     fi
 }
 
