@@ -98,8 +98,7 @@ def _hardware_opens(codec: str, size_wh: tuple[int, int], fps: float) -> str | N
         ctx.width, ctx.height = size_wh
         ctx.pix_fmt = "yuv420p"
         ctx.time_base = 1 / _rate(fps)
-        ctx.open()
-        ctx.close()
+        ctx.open()  # released with the object (PyAV's contexts have no close)
         return None
     except (av.FFmpegError, ValueError) as exc:
         return str(getattr(exc, "strerror", None) or exc)

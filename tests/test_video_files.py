@@ -232,3 +232,16 @@ def test_the_first_failed_write_stops_the_file(tmp_path):
                                  f"was written is left in {sink.temporary_path}")
     sink.close()  # closing again adds nothing
     assert not (tmp_path / "o.mp4").exists() and sink.temporary_path.exists()
+
+
+def test_a_gpu_encoder_that_opens_is_the_one_used(tmp_path, monkeypatch):
+    """The other branch of the test above, where no GPU is lent: an encoder that opens (mpeg4 stands in for
+    NVENC) replaces libx264, and the file is written with it."""
+    monkeypatch.setitem(PyAvEncoder.__init__.__globals__["HARDWARE_ENCODERS"], "libx264", "mpeg4")
+    encoder = PyAvEncoder(tmp_path / "o.mp4", ".mp4", 25, (64, 48), VideoSettings(hardware=True))
+    for i in range(3):
+        encoder.write(np.zeros((48, 64, 3), np.uint8), i / 25)
+    encoder.close()
+    assert encoder.codec == "mpeg4"
+    with av.open(str(tmp_path / "o.mp4")) as container:
+        assert container.streams.video[0].codec_context.name == "mpeg4" and container.streams.video[0].frames == 3
