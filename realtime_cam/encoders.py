@@ -51,6 +51,7 @@ CONTAINER_OPTIONS = {"mp4": {"movflags": "+faststart"}, "mov": {"movflags": "+fa
 # Time bases of the frames' timestamps: fine enough for any source's (MPEG's 90 kHz); AVI counts frames.
 TIME_BASES = {"matroska": Fraction(1, 1000), "webm": Fraction(1, 1000)}
 DEFAULT_TIME_BASE = Fraction(1, 90_000)
+FINE_CLOCKS = {"libx264", "libx265", "h264_nvenc", "hevc_nvenc"}  # take it; others are tried first
 
 
 @dataclass(frozen=True)
@@ -89,15 +90,16 @@ def _rate(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001) if fps > 0 else Fraction(30)
 
 
-def _hardware_opens(codec: str, size_wh: tuple[int, int], fps: float) -> str | None:
-    """None when the encoder opens for this size; else FFmpeg's reason."""
+def _why_not_opens(codec: str, size_wh: tuple[int, int], time_base: Fraction, pixel_format: str = "yuv420p",
+                   ) -> str | None:
+    """None when the encoder opens for this size and time base; else FFmpeg's reason."""
     import av
 
     try:
         ctx = av.CodecContext.create(codec, "w")
         ctx.width, ctx.height = size_wh
-        ctx.pix_fmt = "yuv420p"
-        ctx.time_base = 1 / _rate(fps)
+        ctx.pix_fmt = pixel_format
+        ctx.time_base = time_base
         ctx.open()  # released with the object (PyAV's contexts have no close)
         return None
     except (av.FFmpegError, ValueError) as exc:
@@ -128,7 +130,7 @@ class PyAvEncoder:
         name = name or str(path)
         codec = settings.codec or default_codec
         if settings.hardware and codec in HARDWARE_ENCODERS:
-            why_not = _hardware_opens(HARDWARE_ENCODERS[codec], size_wh, fps)
+            why_not = _why_not_opens(HARDWARE_ENCODERS[codec], size_wh, 1 / _rate(fps))
             if why_not is None:
                 codec = HARDWARE_ENCODERS[codec]
             else:
@@ -147,6 +149,9 @@ class PyAvEncoder:
         elif settings.crf is not None:
             raise SinkError(f"--crf: {codec} has no constant-quality setting realtime-cam knows")
         self.time_base = TIME_BASES.get(muxer, 1 / _rate(self.fps) if muxer == "avi" else DEFAULT_TIME_BASE)
+        if self.time_base == DEFAULT_TIME_BASE and codec not in FINE_CLOCKS and _why_not_opens(
+                codec, self.padded_wh, DEFAULT_TIME_BASE, self.pixel_format) is not None:
+            self.time_base = Fraction(1, 1000)  # MPEG-4 Part 2 and others count time in 16 bits: milliseconds
         try:
             self._container = av.open(str(path), "w", format=muxer, options=CONTAINER_OPTIONS.get(muxer, {}))
         except (av.FFmpegError, OSError) as exc:
