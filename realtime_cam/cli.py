@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="heatmap weight in the blend: (1-alpha)*frame + alpha*heatmap (+/- change it live)")
     run.add_argument("--snapshot-dir", type=Path, default=Path("realtime-cam-snapshots"),
                      help="where s (snapshot: PNG + map .npy + JSON) and r (recording) write")
+    _add_collection_options(run)
 
     bench = sub.add_parser(
         "bench", formatter_class=fmt,
@@ -201,6 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_collection_options(run: argparse.ArgumentParser) -> None:
+    """``run``'s options for a collection (--source a folder, a 'GLOB' or a LIST.txt; --output a folder)."""
+    group = run.add_argument_group(
+        "collections", "--source DIR, 'GLOB' or LIST.txt (files, folders or globs, one a line) explains every video "
+                       "and image in it into --output FOLDER, mirroring their relative paths (videos as .mp4), with "
+                       "per-frame results in FOLDER/results.parquet (.csv without pyarrow) and a per-file summary; "
+                       "on Ray when the ray extra is installed, else one file after another")
+    group.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                       help="Ray workers, each holding one model (default: one per CPU the cluster offers)")
+    group.add_argument("--gpus-per-worker", type=non_negative_float, default=0.0, metavar="F",
+                       help="GPUs each Ray worker reserves (e.g. 0.5: two workers share a GPU; with --device cuda)")
+    group.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="join this Ray cluster (`ray start --head` prints it) instead of starting a local Ray; "
+                            "--output must then be storage every node sees")
+    group.add_argument("--no-ray", action="store_true", help="run the files one after another in this process")
+    group.add_argument("--overwrite", action="store_true",
+                       help="redo files whose outputs are complete (by default a run resumes: they are skipped)")
+
+
 def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``evaluate`` subcommand's parser."""
     from .cams import METHODS
@@ -263,6 +283,7 @@ def _export_missing_default(path: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .collection import is_collection, run_collection
     from .model import CamModel
     from .overlay import COLORMAPS
     from .pipeline import RunOptions, hold_window, run_loop
@@ -272,6 +293,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .temporal import TemporalOptions
     from .view import ViewState
 
+    if is_collection(args.source):
+        return run_collection(args)
     check_source(args.source)  # a typo is reported before a model is loaded (or exported the first time)
     if args.output is not None:  # refuse an unwritable output before any work is done
         check_output_path(args.output, FILE_SINKS, inputs=(args.source, args.model))
