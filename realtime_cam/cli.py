@@ -242,7 +242,8 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     parser.add_argument("--model", type=Path, default=None,
                         help=f"realtime-cam model file (default: {default_model_path()})")
     parser.add_argument("--images", type=Path, required=True, metavar="DIR",
-                        help="folder the annotations' file names are relative to")
+                        help="folder the annotations' file names are relative to (or a 'GLOB' or LIST.txt of "
+                             "images, named by their path relative to it)")
     parser.add_argument("--boxes", type=Path, required=True, metavar="FILE",
                         help="CSV with a header naming file,class_id,x0,y0,x1,y1 (any case, extra columns "
                              "allowed; 0-based pixel indices, x1/y1 included; optional width,height are "
@@ -271,6 +272,11 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                              "(ImageNet's LOC_synset_mapping.txt)")
     parser.add_argument("--max-images", type=positive_int, default=None, metavar="N",
                         help="evaluate only the first N annotated images")
+    parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                        help="score the images on Ray with N workers (needs the ray extra; the numbers equal the "
+                             "in-process run's)")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="score the images on this Ray cluster (implies Ray)")
     return parser
 
 
@@ -421,7 +427,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         pointing_tolerance=args.pointing_tolerance, device=args.device, save_dir=args.save_dir,
         max_images=args.max_images, wnids=args.wnids,
     )
-    report = run_evaluate(config, progress=lambda total: Progress(total, label="images"))
+    runner = None
+    if args.workers is not None or args.ray_address is not None:  # the same per-image work, on Ray
+        from .collection.evaluate import ray_runner
+        from .collection.on_ray import ray_available
+
+        if not ray_available():
+            raise CamError("--workers and --ray-address need Ray, which is not installed: "
+                           "pip install 'realtime-cam[ray]'")
+        runner = ray_runner(args.workers, args.ray_address)
+    report = run_evaluate(config, progress=lambda total: Progress(total, label="images"), runner=runner)
     print(format_table(report))
     partial = " (partial: interrupted)" if report.interrupted is not None else ""
     if args.json is not None:
