@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, default=None, help="write the full report as JSON")
     bench.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG)")
     bench.add_argument("--no-seed", action="store_true", help="skip the PyTorch seed-approach baseline")
+    bench.add_argument("--collection", default=None, metavar="DIR",
+                       help="instead: files and frames per second over this collection (a folder, 'GLOB' or "
+                            "LIST.txt) in-process, on Ray with 1 worker and with --workers, and Ray's overhead per file")
+    bench.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                       help="--collection: the Ray workers of the many-worker run (default: one per CPU)")
 
     _add_evaluate_parser(sub)
 
@@ -389,6 +394,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, format_table, plot_report, run_bench
     from .sinks import check_output_path, write_json
+
+    if args.collection is not None:
+        from .collection.bench import cmd_bench_collection
+
+        return cmd_bench_collection(args, log=log.info)
 
     for path, kinds in ((args.json, {".json"}), (args.plot, {".png"})):
         if path is not None:
