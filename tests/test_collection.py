@@ -171,3 +171,26 @@ def test_help_lists_the_collection_options():
     text = build_parser().commands["run"].format_help()
     for option in ("--workers", "--gpus-per-worker", "--ray-address", "--no-ray", "--overwrite"):
         assert option in text
+
+
+def test_after_ctrl_c_mid_file_a_second_run_does_only_the_files_not_complete(tiny_onnx, tmp_path, capsys,
+                                                                               monkeypatch):
+    from realtime_cam.collection.command import CollectionProgress
+
+    root = make_collection(tmp_path / "in", clips=3, photos=0, frames=8)
+    out = tmp_path / "out"
+    add_frames = CollectionProgress.add_frames
+
+    def interrupt_in_the_second_file(self, n):
+        add_frames(self, n)
+        if self.frames == 12:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(CollectionProgress, "add_frames", interrupt_in_the_second_file)
+    assert run_collection(tiny_onnx, root, out, "--no-ray") == 130
+    assert "clips/clip-1.mp4: interrupted after" in capsys.readouterr().err
+    assert not partials(out) and not (out / "clip-2.mp4").exists()
+    monkeypatch.setattr(CollectionProgress, "add_frames", add_frames)
+    assert run_collection(tiny_onnx, root, out, "--no-ray") == 0
+    assert "2 file(s) explained (16 frames), 1 skipped as complete" in capsys.readouterr().err
+    assert all(len(decoded(out / "clips" / f"clip-{i}.mp4")) == 8 for i in range(3))

@@ -169,22 +169,24 @@ def execute(items: Sequence[Item], options: JobOptions, ray: bool, model=None, w
             log.warning("%s: %s", summary["file"], summary.get("reason"))
 
     runner = "in-process"
-    if todo and ray:
-        from .on_ray import ray_session, run_on_ray, warn_if_not_shared
+    try:
+        if todo and ray:
+            from .on_ray import ray_session, run_on_ray, warn_if_not_shared
 
-        warn_if_not_shared(ray_address, Path(options.output_dir))
-        with ray_session(ray_address):
-            plan = run_on_ray(todo, options, done, workers=workers, gpus_per_worker=gpus_per_worker)
-        runner = (f"Ray, {plan['actors']} worker(s) of {plan['cpus_per_actor']:g} CPU"
-                  + (f" and {plan['gpus_per_actor']:g} GPU" if plan["gpus_per_actor"] else ""))
-    elif todo:
-        from .local import run_local
+            warn_if_not_shared(ray_address, Path(options.output_dir))
+            with ray_session(ray_address):
+                plan = run_on_ray(todo, options, done, workers=workers, gpus_per_worker=gpus_per_worker)
+            runner = (f"Ray, {plan['actors']} worker(s) of {plan['cpus_per_actor']:g} CPU"
+                      + (f" and {plan['gpus_per_actor']:g} GPU" if plan["gpus_per_actor"] else ""))
+        elif todo:
+            from .local import run_local
 
-        run_local(todo, options, lambda s: done(s, frames_counted=True),
-                  on_frames=progress.add_frames if progress is not None else None, model=model)
+            run_local(todo, options, lambda s: done(s, frames_counted=True),
+                      on_frames=progress.add_frames if progress is not None else None, model=model)
+    finally:  # also after Ctrl-C: the workers Ray stopped mid-file leave their temporary files
+        remove_partials(options, items)
     if progress is not None:
         progress.finish()
-    remove_partials(options, items)
     report = CollectionReport(summaries=[by_rel[item.rel] for item in items], runner=runner)
     out = Path(options.output_dir)
     fmt = options.table_format

@@ -180,7 +180,12 @@ class FileWorker:
                 record_fps=source.fps or 30.0, batch=o.batch,
             )
             with open_file_sink(overlay, source.fps, source.size_wh, source.kind, False) as sink:
-                result = run_loop(self.model, source, sinks=[sink], options=options, observe=observe)
+                try:
+                    result = run_loop(self.model, source, sinks=[sink], options=options, observe=observe)
+                except KeyboardInterrupt:
+                    log.info("%s: interrupted after %d frame(s); the next run of the command redoes it (its "
+                             "results are not marked complete)", item.rel, len(rows))
+                    raise
         if not sink.complete:
             raise SinkError(f"{overlay} was not written: no frame was explained")
         counts = collections.Counter(row["class_id"] for row in rows)
