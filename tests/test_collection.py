@@ -194,3 +194,16 @@ def test_after_ctrl_c_mid_file_a_second_run_does_only_the_files_not_complete(tin
     assert run_collection(tiny_onnx, root, out, "--no-ray") == 0
     assert "2 file(s) explained (16 frames), 1 skipped as complete" in capsys.readouterr().err
     assert all(len(decoded(out / "clips" / f"clip-{i}.mp4")) == 8 for i in range(3))
+
+
+def test_a_ray_address_where_nothing_answers_is_a_one_line_error(tiny_onnx, tmp_path, capsys):
+    pytest.importorskip("ray.data")
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = make_collection(tmp_path / "in", clips=1, photos=0, frames=2)
+    assert run_collection(tiny_onnx, root, tmp_path / "out", "--ray-address", f"127.0.0.1:{port}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"realtime-cam: error: --ray-address 127.0.0.1:{port}: nothing answers there")

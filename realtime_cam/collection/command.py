@@ -117,6 +117,10 @@ def use_ray(args: argparse.Namespace) -> bool:
             raise CamError("--ray-address and --no-ray contradict each other: choose one")
         return False
     if ray_available():
+        if getattr(args, "ray_address", None):
+            from .on_ray import check_reachable
+
+            check_reachable(args.ray_address)  # before the model is loaded
         return True
     if getattr(args, "ray_address", None):
         raise CamError(f"--ray-address needs Ray, which is not installed: {INSTALL_HINT}")

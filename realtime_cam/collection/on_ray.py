@@ -53,6 +53,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield ray
         return
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    if address:
+        check_reachable(address)
     try:
         if address:
             ray.init(address=address, **quiet)
@@ -66,6 +68,21 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield ray
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """A one-line error when nothing answers at HOST:PORT (Ray itself would retry for minutes)."""
+    import re
+    import socket
+
+    match = re.fullmatch(r"\[?([^\]]+?)\]?:(\d+)", address.strip())
+    if match is None:  # "auto", "ray://...": left to Ray
+        return
+    try:
+        socket.create_connection((match.group(1), int(match.group(2))), timeout=timeout_s).close()
+    except OSError as exc:
+        raise CamError(f"--ray-address {address}: nothing answers there ({exc.strerror or exc}); start a Ray "
+                       "head with `ray start --head` (see docs/collections.md)") from None
 
 
 def warn_if_not_shared(address: str | None, output_dir: Path) -> None:
