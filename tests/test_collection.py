@@ -207,3 +207,24 @@ def test_a_ray_address_where_nothing_answers_is_a_one_line_error(tiny_onnx, tmp_
     assert run_collection(tiny_onnx, root, tmp_path / "out", "--ray-address", f"127.0.0.1:{port}") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"realtime-cam: error: --ray-address 127.0.0.1:{port}: nothing answers there")
+
+
+def test_joining_a_cluster_warns_when_the_output_folder_is_not_shared_storage(tmp_path, monkeypatch, caplog):
+    from realtime_cam.collection import on_ray
+
+    for fs, address, warned in (("ext4", "10.0.0.5:6379", True), ("nfs4", "10.0.0.5:6379", False),
+                                ("ext4", "127.0.0.1:6379", False), ("ext4", None, False)):
+        monkeypatch.setattr(on_ray, "_filesystem_type", lambda path, fs=fs: fs)
+        caplog.clear()
+        on_ray.warn_if_not_shared(address, tmp_path)
+        assert ("must be shared storage" in caplog.text) == warned, (fs, address)
+
+
+def test_plan_of_workers_shares_the_cpus_and_never_exceeds_a_node():
+    from realtime_cam.collection.on_ray import worker_plan
+
+    assert worker_plan(2, None, 10) == (2, 1.0, 1)      # default: one worker per CPU, one thread each
+    assert worker_plan(2, 1, 10) == (1, 2.0, 2)         # a lone worker has the CPUs and their threads
+    assert worker_plan(2, 4, 10) == (4, 0.5, 1)         # more workers than CPUs: a fraction each
+    assert worker_plan(2, 8, 3) == (3, 0.25, 1)         # never more workers than files
+    assert worker_plan(2, 1, 10, node_cpus=1) == (1, 1.0, 1)  # two one-CPU nodes: one node's worth

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import CamError
 from .discover import Item
-from .job import FileWorker, JobOptions
+from .job import FileWorker, JobOptions, _node, error_summary, one_line
 
 log = logging.getLogger("realtime_cam")
 
@@ -113,20 +113,39 @@ def _filesystem_type(path: Path) -> str | None:
     return kind
 
 
+def worker_error(exc: BaseException) -> str:
+    """The line of a Ray error that says what went wrong in the worker (its last ``SomeError: message``)."""
+    import re
+
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception)\b.*?: ", line):
+            return line
+    return lines[0] if lines else type(exc).__name__
+
+
 class _RayFileWorker:
     """A Ray Data actor: one model; each call explains the one file of its batch."""
 
     options: dict = {}  # set on the subclass run_on_ray makes
 
     def __init__(self) -> None:
-        self._worker = FileWorker(JobOptions(**self.options))
+        # A model this node cannot load (missing here, no CUDA) fails each of its files with the reason: an
+        # actor that failed to start would be restarted by Ray again and again.
+        self._worker: FileWorker | None = None
+        self._error: str | None = None
+        try:
+            self._worker = FileWorker(JobOptions(**self.options))
+        except CamError as exc:
+            self._error = f"worker on {_node()}: {one_line(exc)}"
 
     def __call__(self, batch: dict) -> dict:
         summaries = []
         for i in range(len(batch["path"])):
             item = Item(str(batch["path"][i]), str(batch["rel"][i]), str(batch["kind"][i]),
                         str(batch["output_rel"][i]))
-            summaries.append(json.dumps(self._worker(item)))
+            summary = self._worker(item) if self._worker is not None else error_summary(item, self._error or "")
+            summaries.append(json.dumps(summary))
         return {"summary": summaries}
 
 
@@ -158,7 +177,8 @@ def run_on_ray(items: Sequence[Item], options: JobOptions, on_done: Callable[[di
     import ray
     import ray.data
 
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its execution notes; our progress line says it all
+    # Its execution notes and its own report of a worker's failure: our progress line and error say them.
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts files and frames for the whole collection
     context.print_on_execution_start = False
@@ -175,6 +195,11 @@ def run_on_ray(items: Sequence[Item], options: JobOptions, on_done: Callable[[di
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
         num_cpus=cpus, num_gpus=gpus_per_worker or None,
     )
-    for row in ds.iter_rows():
-        on_done(json.loads(row["summary"]))
+    try:
+        for row in ds.iter_rows():
+            on_done(json.loads(row["summary"]))
+    except (CamError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a worker that cannot start (the model missing on a node) or a bug in one
+        raise CamError(f"a Ray worker failed: {worker_error(exc)}") from None
     return {"actors": actors, "cpus_per_actor": cpus, "gpus_per_actor": gpus_per_worker, "threads": threads}
