@@ -161,3 +161,17 @@ def test_evaluate_through_ray_equals_the_in_process_numbers(local_ray, mnv2_int8
     assert here == sorted(p.name for p in (tmp_path / "ray").iterdir()) and len(here) == 20
     for name in here:
         assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes()
+
+
+def test_bench_collection_reports_each_runner_and_rays_overhead(local_ray, tiny_onnx, tmp_path, capsys):
+    for i in range(3):
+        write_clip(tmp_path / "in" / f"clip-{i}.mp4", frames=4)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--collection", str(tmp_path / "in"), "--model", str(tiny_onnx), "--workers", "2",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["runner"] for r in report["results"]] == ["in-process", "ray-1", "ray-2"]
+    assert all(r["files"] == 3 and r["frames"] == 12 and r["files_per_s"] > 0 for r in report["results"])
+    assert {"ray_startup_s", "ray_overhead_fixed_s", "ray_overhead_per_file_s", "speedup_n_over_1"} <= set(report)
+    assert "commit" in report["environment"].get("git", {"commit": ""})
+    assert "2 workers vs 1" in capsys.readouterr().out
