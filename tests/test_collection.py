@@ -163,6 +163,8 @@ def test_an_output_folder_inside_the_input_is_never_read_as_input(tiny_onnx, tmp
     assert run_collection(tiny_onnx, root, root / "out", "--no-ray") == 0
     assert "2 skipped as complete" in capsys.readouterr().err
     assert not (root / "out" / "out").exists()
+    assert run_collection(tiny_onnx, root, root, "--no-ray") == 2
+    assert "is the collection's own folder" in capsys.readouterr().err
 
 
 def test_help_lists_the_collection_options():

@@ -209,6 +209,10 @@ def run_collection(args: argparse.Namespace) -> int:
     from ..model import CamModel
     from ..paths import default_model_path
 
+    source = Path(str(args.source))
+    if source.is_dir() and args.output is not None and args.output.is_dir() and os.path.samefile(source, args.output):
+        raise SinkError(f"--output {args.output} is the collection's own folder: its overlays would replace the "
+                        "images; choose another folder (one inside it is fine)")
     output = check_output_dir(args.output)
     items = discover(str(args.source), exclude=output)
     videos = sum(item.kind == "video" for item in items)
