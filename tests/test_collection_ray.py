@@ -175,3 +175,35 @@ def test_bench_collection_reports_each_runner_and_rays_overhead(local_ray, tiny_
     assert {"ray_startup_s", "ray_overhead_fixed_s", "ray_overhead_per_file_s", "speedup_n_over_1"} <= set(report)
     assert "commit" in report["environment"].get("git", {"commit": ""})
     assert "2 workers vs 1" in capsys.readouterr().out
+
+
+def test_the_embedded_ray_leaves_no_process_behind(tiny_onnx, tmp_path):
+    import shutil
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="rcray", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        write_clip(tmp_path / "in" / "clip.mp4", frames=3)
+        done = subprocess.run(
+            [sys.executable, "-m", "realtime_cam", "run", "--model", str(tiny_onnx), "--source", str(tmp_path / "in"),
+             "--output", str(tmp_path / "out"), "--no-display", "--workers", "1"],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                              "RAY_TMPDIR": ray_tmp})
+        assert done.returncode == 0, done.stderr
+        assert "Ray, 1 worker(s)" in done.stderr
+        assert any(Path(ray_tmp).iterdir()), "the command's Ray did not use RAY_TMPDIR"
+        deadline = time.monotonic() + 10
+        while True:
+            left = []
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:  # every process of that Ray inherited the variable (workers rename themselves "ray::...")
+                    if f"RAY_TMPDIR={ray_tmp}".encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                        left.append(pid)
+                except OSError:
+                    continue
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert not left, f"processes of the command's Ray still running: {left}"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
