@@ -47,9 +47,15 @@ class _EvalWorker:
         for key in ("model", "images", "boxes", "save_dir", "wnids"):
             config[key] = Path(config[key]) if config[key] is not None else None
         self._config = EvaluateConfig(**config)
-        self._model = CamModel(self._config.model, self._config.device, self.threads)
+        self._model, self._error = None, None
+        try:  # an actor whose constructor fails is restarted by Ray without end: report it per image instead
+            self._model = CamModel(self._config.model, self._config.device, self.threads)
+        except CamError as exc:
+            self._error = str(exc)
 
     def __call__(self, batch: dict) -> dict:
+        if self._model is None:
+            return {"out": [pickle.dumps([(-1, "error", self._error)]) for _ in batch["task"]]}
         return {"out": [pickle.dumps(score_image(self._model, self._config, *pickle.loads(task)))
                         for task in batch["task"]]}
 
@@ -89,7 +95,7 @@ def ray_runner(workers: int | None = None, ray_address: str | None = None) -> Ca
         import ray.data
 
         from ..evaluation.run import unique_overlay_path
-        from .on_ray import _largest_node_cpus, ray_session, worker_plan
+        from .on_ray import _largest_node_cpus, ray_session, worker_error, worker_plan
 
         # The overlays' names, given out in row order as the in-process run does.
         used: set[Path] = set()
@@ -103,7 +109,7 @@ def ray_runner(workers: int | None = None, ray_address: str | None = None) -> Ca
         with ray_session(ray_address):
             import logging
 
-            logging.getLogger("ray.data").setLevel(logging.ERROR)
+            logging.getLogger("ray.data").setLevel(logging.CRITICAL)
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False
             context.print_on_execution_start = False
@@ -115,14 +121,19 @@ def ray_runner(workers: int | None = None, ray_address: str | None = None) -> Ca
                                      override_num_blocks=len(tasks))
             ds = ds.map_batches(worker, batch_size=1, num_cpus=cpus,
                                 compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1))
-            for row in ds.iter_rows():
-                for index, status, value in pickle.loads(row["out"]):
-                    if status == "error":
-                        raise CamError(value)
-                    outcomes[index] = (status, value)
-                if bar is not None and len(outcomes) < len(truths):
-                    elapsed = time.perf_counter() - start
-                    bar.update(len(outcomes), len(outcomes) / elapsed if elapsed > 0 else 0.0)
+            try:
+                for row in ds.iter_rows():
+                    for index, status, value in pickle.loads(row["out"]):
+                        if status == "error":
+                            raise CamError(value)
+                        outcomes[index] = (status, value)
+                    if bar is not None and len(outcomes) < len(truths):
+                        elapsed = time.perf_counter() - start
+                        bar.update(len(outcomes), len(outcomes) / elapsed if elapsed > 0 else 0.0)
+            except (CamError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # a bug in a worker, a node lost for good
+                raise CamError(f"a Ray worker failed: {worker_error(exc)}") from None
         results, left_out = [], {"outside crop": [], "outside image": []}
         for index, gt in enumerate(truths):
             status, value = outcomes[index]
