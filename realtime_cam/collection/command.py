@@ -52,7 +52,8 @@ class CollectionProgress(Progress):
         self.files += 1
         if not frames_counted and summary.get("status") != SKIPPED:
             self.frames += summary.get("frames") or 0
-        self.update(self.files, self._fps())
+        if self.files < (self.total or 0):  # finish() prints the last line
+            self.update(self.files, self._fps())
 
     def finish(self) -> None:
         self.close(self.files, self._fps())
