@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="heatmap weight in the blend: (1-alpha)*frame + alpha*heatmap (+/- change it live)")
     run.add_argument("--snapshot-dir", type=Path, default=Path("realtime-cam-snapshots"),
                      help="where s (snapshot: PNG + map .npy + JSON) and r (recording) write")
+    _add_collection_options(run)
 
     bench = sub.add_parser(
         "bench", formatter_class=fmt,
@@ -150,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, default=None, help="write the full report as JSON")
     bench.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG)")
     bench.add_argument("--no-seed", action="store_true", help="skip the PyTorch seed-approach baseline")
+    bench.add_argument("--collection", default=None, metavar="DIR",
+                       help="instead: files and frames per second over this collection (a folder, 'GLOB' or "
+                            "LIST.txt) in-process, on Ray with 1 worker and with --workers, and Ray's overhead per file")
+    bench.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                       help="--collection: the Ray workers of the many-worker run (default: one per CPU)")
 
     _add_evaluate_parser(sub)
 
@@ -209,6 +215,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_collection_options(run: argparse.ArgumentParser) -> None:
+    """``run``'s options for a collection (--source a folder, a 'GLOB' or a LIST.txt; --output a folder)."""
+    group = run.add_argument_group(
+        "collections", "--source DIR, 'GLOB' or LIST.txt (files, folders or globs, one a line) explains every video "
+                       "and image in it into --output FOLDER, mirroring their relative paths (videos as .mp4), with "
+                       "per-frame results in FOLDER/results.parquet (.csv without pyarrow) and a per-file summary; "
+                       "on Ray when the ray extra is installed, else one file after another")
+    group.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                       help="Ray workers, each holding one model (default: one per CPU the cluster offers)")
+    group.add_argument("--gpus-per-worker", type=non_negative_float, default=0.0, metavar="F",
+                       help="GPUs each Ray worker reserves (e.g. 0.5: two workers share a GPU; with --device cuda)")
+    group.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="join this Ray cluster (`ray start --head` prints it) instead of starting a local Ray; "
+                            "--output must then be storage every node sees")
+    group.add_argument("--no-ray", action="store_true", help="run the files one after another in this process")
+    group.add_argument("--overwrite", action="store_true",
+                       help="redo files whose outputs are complete (by default a run resumes: they are skipped)")
+
+
 def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``evaluate`` subcommand's parser."""
     from .cams import METHODS
@@ -230,7 +255,8 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     parser.add_argument("--model", type=Path, default=None,
                         help=f"realtime-cam model file (default: {default_model_path()})")
     parser.add_argument("--images", type=Path, required=True, metavar="DIR",
-                        help="folder the annotations' file names are relative to")
+                        help="folder the annotations' file names are relative to (or a 'GLOB' or LIST.txt of "
+                             "images, named by their path relative to it)")
     parser.add_argument("--boxes", type=Path, required=True, metavar="FILE",
                         help="CSV with a header naming file,class_id,x0,y0,x1,y1 (any case, extra columns "
                              "allowed; 0-based pixel indices, x1/y1 included; optional width,height are "
@@ -259,6 +285,11 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                              "(ImageNet's LOC_synset_mapping.txt)")
     parser.add_argument("--max-images", type=positive_int, default=None, metavar="N",
                         help="evaluate only the first N annotated images")
+    parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                        help="score the images on Ray with N workers (needs the ray extra; the numbers equal the "
+                             "in-process run's)")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="score the images on this Ray cluster (implies Ray)")
     return parser
 
 
@@ -271,6 +302,7 @@ def _export_missing_default(path: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .collection import is_collection, run_collection
     from .encoders import VideoSettings, check_codec
     from .model import CamModel
     from .overlay import COLORMAPS
@@ -282,11 +314,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .temporal import TemporalOptions
     from .view import ViewState
 
+    if args.codec is not None:
+        check_codec(args.codec)
+    if is_collection(args.source):
+        return run_collection(args)
     check_source(args.source)  # a typo is reported before a model is loaded (or exported the first time)
     if args.output is not None:  # refuse an unwritable output before any work is done
         check_output_path(args.output, FILE_SINKS, inputs=(args.source, args.model))
-    if args.codec is not None:
-        check_codec(args.codec)
     if args.no_display and args.output is None:
         log.info("--no-display without --output: frames are processed and dropped (a dry run)")
     model_path = args.model
@@ -379,6 +413,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, format_table, plot_report, run_bench
     from .sinks import check_output_path, write_json
 
+    if args.collection is not None:
+        from .collection.bench import cmd_bench_collection
+
+        return cmd_bench_collection(args, log=log.info)
+
     for path, kinds in ((args.json, {".json"}), (args.plot, {".png"})):
         if path is not None:
             check_output_path(path, kinds)
@@ -416,7 +455,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         pointing_tolerance=args.pointing_tolerance, device=args.device, save_dir=args.save_dir,
         max_images=args.max_images, wnids=args.wnids,
     )
-    report = run_evaluate(config, progress=lambda total: Progress(total, label="images"))
+    runner = None
+    if args.workers is not None or args.ray_address is not None:  # the same per-image work, on Ray
+        from .collection.evaluate import ray_runner
+        from .collection.on_ray import ray_available
+
+        if not ray_available():
+            raise CamError("--workers and --ray-address need Ray, which is not installed: "
+                           "pip install 'realtime-cam[ray]'")
+        runner = ray_runner(args.workers, args.ray_address)
+    report = run_evaluate(config, progress=lambda total: Progress(total, label="images"), runner=runner)
     print(format_table(report))
     partial = " (partial: interrupted)" if report.interrupted is not None else ""
     if args.json is not None:

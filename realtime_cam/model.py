@@ -25,8 +25,10 @@ from .types import Prediction
 
 log = logging.getLogger("realtime_cam")
 
-def _session_options() -> ort.SessionOptions:
+def _session_options(threads: int | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    if threads is not None:  # several sessions sharing a machine (a collection's workers): a share of the cores each
+        options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # The head copy is an initializer no node reads; ORT would warn about it on every load.
     options.log_severity_level = 3
@@ -82,13 +84,14 @@ class CamModel:
     Args:
         path: a realtime-cam contract file (see ``realtime_cam.contract``).
         device: "auto" (CUDA when it really runs, else CPU), "cpu", or "cuda" (an error if it cannot run).
+        threads: ONNX Runtime's intra-op threads (None: its default, one per physical core).
 
     Attributes:
         info: labels, input size and normalisation from the file's metadata.
         provider: the ONNX Runtime execution provider that actually runs the model.
     """
 
-    def __init__(self, path: str | os.PathLike, device: str = "auto") -> None:
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> None:
         self.path = Path(path)
         proto = load_model_proto(self.path)
         self.info, self.head_weight, self.head_bias = read_contract(proto)
@@ -103,7 +106,7 @@ class CamModel:
                              "memory whole, which protobuf limits to 2 GB") from None
         del proto
         try:
-            self._session = ort.InferenceSession(model_bytes, sess_options=_session_options(), providers=providers)
+            self._session = ort.InferenceSession(model_bytes, sess_options=_session_options(threads), providers=providers)
         except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelError(f"ONNX Runtime cannot load {self.path} ({reason})") from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -180,6 +180,7 @@ def run_loop(
     window: WindowSink | None = None,
     options: RunOptions = RunOptions(),
     progress: Progress | None = None,
+    observe: Callable[[Frame, Shown], None] | None = None,
 ) -> RunResult:
     """Explain every frame the iterable yields and send the overlays to the sinks and the window.
 
@@ -188,29 +189,36 @@ def run_loop(
     on each frame, in order (the encoder has a thread of its own). With a window, everything after inference
     happens here, one frame at a time, because window calls must stay on the main thread and keys (see
     ``view.KEY_HELP``) change what the next frame shows.
+
+    ``observe``, when given, is called with each frame and what was shown for it, in order, after its overlay
+    went to the sinks (in the render thread when headless): per-frame results for a caller that keeps them.
     """
     with single_threaded_blas():  # the maps' small products gain nothing from BLAS threads, inference loses
         if window is None:
             with single_threaded_opencv():  # its pool would compete with inference for the same cores
-                return _run_headless(model, frames, sinks, options, progress)
-        return _run_windowed(model, frames, sinks, window, options, progress)
+                return _run_headless(model, frames, sinks, options, progress, observe)
+        return _run_windowed(model, frames, sinks, window, options, progress, observe)
 
 
 class _Renderer:
     """The render thread's side of a headless run: :func:`step` on each (frame, logits, features), in order."""
 
-    def __init__(self, model: CamModel, sinks: Sequence[Sink], options: RunOptions, times: StageTimes) -> None:
+    def __init__(self, model: CamModel, sinks: Sequence[Sink], options: RunOptions, times: StageTimes,
+                 observe: Callable[[Frame, Shown], None] | None = None) -> None:
         self._model, self._sinks, self._options, self._times = model, sinks, options, times
+        self._observe = observe
         self.state = StreamState.start(options.temporal)
 
     def __call__(self, item: tuple[Frame, Outputs]) -> None:
         frame, out = item
-        _, self.state = step(self._model, frame, out, self._options.view, self._options, self.state,
-                             sinks=self._sinks, times=self._times)
+        shown, self.state = step(self._model, frame, out, self._options.view, self._options, self.state,
+                                 sinks=self._sinks, times=self._times)
+        if self._observe is not None:
+            self._observe(frame, shown)
 
 
 def _run_headless(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink], options: RunOptions,
-                  progress: Progress | None) -> RunResult:
+                  progress: Progress | None, observe: Callable[[Frame, Shown], None] | None = None) -> RunResult:
     times = StageTimes()
     rate = Rate()
     stopped_by = "end"
@@ -224,7 +232,7 @@ def _run_headless(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
     # inferred and the one being gathered.
     depth = 1 if live else max(1, 8 // batch)
     prefetch = Prefetcher(frames, model.prepare_batch, times, batch=batch, queue_size=depth)
-    renderer = _Renderer(model, sinks, options, times)
+    renderer = _Renderer(model, sinks, options, times, observe)
     worker: OrderedWorker = OrderedWorker(renderer, name="render", queue_size=1 if live else 8)
     t_prev = time.perf_counter()
     try:
@@ -282,7 +290,8 @@ def _drain(prefetch: Prefetcher, worker: OrderedWorker) -> None:
 
 
 def _run_windowed(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink], window: WindowSink,
-                  options: RunOptions, progress: Progress | None) -> RunResult:
+                  options: RunOptions, progress: Progress | None,
+                  observe: Callable[[Frame, Shown], None] | None = None) -> RunResult:
     times = StageTimes()
     rate = Rate()
     state = StreamState.start(options.temporal)
@@ -304,6 +313,8 @@ def _run_windowed(model: CamModel, frames: Iterable[Frame], sinks: Sequence[Sink
                 hud = [f"{rate.shown:.1f} FPS" + (f"  latency {latency_ms:.0f} ms" if options.live_source else "")]
             shown, state = step(model, frame, out, view, options, state,
                                 sinks=(*sinks, snapshots, window), hud=hud, times=times)
+            if observe is not None:
+                observe(frame, shown)
             t5 = time.perf_counter()
             latency_ms = (t5 - frame.captured_at) * 1000.0 if frame.captured_at else 0.0
             for stage, seconds in zip(STAGES, (t0 - t_prev, t1 - t0, t2 - t1)):

@@ -83,3 +83,21 @@ def chromium():
         pytest.skip("needs Debian's chromium and pip's playwright")
     with launched_chromium() as browser:
         yield browser
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A local Ray with 2 CPUs, started once for every test that needs one (loopback, no dashboard, no auth),
+    shut down at the end of the session. Collections run in the test process find it initialised and use it."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    from realtime_cam.collection.on_ray import RAY_ENV
+
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    import logging
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()

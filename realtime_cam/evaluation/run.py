@@ -84,13 +84,15 @@ class EvalReport:
 
 
 def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | None = None,
-                 on_image: Callable[[ImageResult], None] | None = None) -> EvalReport:
+                 on_image: Callable[[ImageResult], None] | None = None, runner: Callable | None = None) -> EvalReport:
     """Run the model over the annotated images and score every map.
 
     Args:
         config: the settings.
         progress: makes the progress line, given the number of images (None: no progress line).
         on_image: called with each image's result, e.g. to log it.
+        runner: does the per-image work elsewhere (``collection.evaluate.ray_runner``), with the same arguments
+            and results as :func:`score_rows`; None: here, one image after another.
     """
     from ..model import CamModel
 
@@ -98,7 +100,9 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
         raise CamError(f"unknown map method {config.method!r}; choose from {', '.join(METHODS)}")
     if config.crop not in CROPS:
         raise CamError(f"--crop must be one of {', '.join(CROPS)}; got {config.crop!r}")
-    if not config.images.is_dir():
+    from ..collection import is_collection
+
+    if not is_collection(config.images):
         raise CamError(f"images folder not found: {config.images}")
     if config.save_dir is not None:  # before any work: a folder that cannot be made is a one-line error
         make_save_dir(config.save_dir)
@@ -107,9 +111,39 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
     truths = load_ground_truth(config.boxes, labels, load_wnids(config.wnids) if config.wnids else None)
     if config.max_images is not None:
         truths = truths[: config.max_images]
-    paths = [resolve_image(config.images, gt) for gt in truths]  # every image exists before any work
+    if config.images.is_dir():
+        paths = [resolve_image(config.images, gt) for gt in truths]  # every image exists before any work
+    else:  # a glob or a list of images: the annotations name them by their path relative to it
+        from ..collection.evaluate import collection_resolver
+
+        resolve = collection_resolver(config.images)
+        paths = [resolve(gt) for gt in truths]
 
     bar = progress(len(truths)) if progress is not None else None
+    start = time.perf_counter()
+    results, left_out, interrupted = (runner or score_rows)(model, config, truths, paths, bar, on_image)
+    elapsed = time.perf_counter() - start
+    if bar is not None and interrupted is None:
+        bar.close(len(truths), len(truths) / elapsed if elapsed > 0 else 0.0)
+    if not results and not left_out["outside image"]:
+        raise CamError(f"every image's boxes fall outside the centre crop ({len(left_out['outside crop'])} "
+                       "(image, class) rows): nothing to score; use --crop none")
+    if not results:
+        raise CamError(f"no (image, class) row can be scored: {len(left_out['outside image'])} have every box "
+                       f"outside their image and {len(left_out['outside crop'])} outside the centre crop; check "
+                       "the annotations")
+    summary = summarize(results, topk=config.topk)
+    return EvalReport(config=config, summary=summary, results=tuple(results), labels=tuple(labels),
+                      seconds=elapsed, outside_crop=tuple(left_out["outside crop"]),
+                      outside_image=tuple(left_out["outside image"]), interrupted=interrupted)
+
+
+def score_rows(model: CamModel, config: EvaluateConfig, truths: Sequence[GroundTruth], paths: Sequence[Path],
+               bar: Progress | None, on_image: Callable[[ImageResult], None] | None
+               ) -> tuple[list[ImageResult], dict[str, list[tuple[str, int]]], BaseException | None]:
+    """Every (image, class) row here, in order: the results, the rows left out (by why), and the Ctrl-C that
+    stopped it early (None when complete)."""
+    labels = model.labels
     used_names: set[Path] = set()
     input_paths = {p.resolve() for p in paths}
     # An image with several classes is a row per class: it is read and inferred once, kept until its last row.
@@ -144,20 +178,7 @@ def run_evaluate(config: EvaluateConfig, progress: Callable[[int], Progress] | N
         if not results:
             raise
         interrupted = exc
-    elapsed = time.perf_counter() - start
-    if bar is not None and interrupted is None:
-        bar.close(len(truths), len(truths) / elapsed if elapsed > 0 else 0.0)
-    if not results and not left_out["outside image"]:
-        raise CamError(f"every image's boxes fall outside the centre crop ({len(left_out['outside crop'])} "
-                       "(image, class) rows): nothing to score; use --crop none")
-    if not results:
-        raise CamError(f"no (image, class) row can be scored: {len(left_out['outside image'])} have every box "
-                       f"outside their image and {len(left_out['outside crop'])} outside the centre crop; check "
-                       "the annotations")
-    summary = summarize(results, topk=config.topk)
-    return EvalReport(config=config, summary=summary, results=tuple(results), labels=tuple(labels),
-                      seconds=elapsed, outside_crop=tuple(left_out["outside crop"]),
-                      outside_image=tuple(left_out["outside image"]), interrupted=interrupted)
+    return results, left_out, interrupted
 
 
 def make_save_dir(folder: Path) -> None:
