@@ -181,8 +181,11 @@ class Slot:
             self._cond.notify_all()
 
     def take(self) -> Frame | None:
-        """The newest frame not yet taken (call with the condition held), or None."""
+        """The newest frame not yet taken (call with the condition held), or None. A source fed on demand
+        waits on the condition for its frame to be taken."""
         frame, self._frame = self._frame, None
+        if frame is not None:
+            self._cond.notify_all()
         return frame
 
     @property
