@@ -36,6 +36,7 @@ class Broadcast:
         self.quality = quality
         self.seq = 0  # frames published
         self.encodes = 0  # frames encoded (at most one per published frame)
+        self.max_jpeg_bytes = 0  # the largest encoded frame so far
         self.ended = False
         self._image: np.ndarray | None = None
         self._jpeg: bytes | None = None
@@ -76,6 +77,7 @@ class Broadcast:
         jpeg = self._encode(image)  # outside the lock: publishing never waits for an encode
         with self._cond:
             self.encodes += 1
+            self.max_jpeg_bytes = max(self.max_jpeg_bytes, len(jpeg))
             if seq > self._jpeg_seq:
                 self._jpeg, self._jpeg_seq = jpeg, seq
             self._cond.notify_all()
