@@ -169,11 +169,8 @@ def _report(multi, stopped: str) -> None:
 
 def cmd_run_streams(args: argparse.Namespace, specs: Sequence[str]) -> int:
     """``run`` with several sources: one batched session, a mosaic window, a folder of recordings."""
-    from .mosaic import Tile, mosaic
-    from .sinks import WindowSink, check_not_an_input, open_file_sink
     from .sources import check_source
-    from .streams import MultiStream, stream_name
-    from .view import QUIT, ViewState, handle_key
+    from .streams import stream_name
 
     for spec in specs:
         check_source(spec)
@@ -183,8 +180,36 @@ def cmd_run_streams(args: argparse.Namespace, specs: Sequence[str]) -> int:
     names: list[str] = []
     for spec in specs:
         names.append(stream_name(spec, names))
-    stopped = "end"
     sinks_by_stream: list[list] = []
+    try:
+        multi, stopped = _run_streams(args, specs, names, model, options, sinks_by_stream)
+    except KeyboardInterrupt:  # every recording is finalised by now: say what each holds
+        from .cli import _report_interrupted
+
+        _report_interrupted([sink for sinks in sinks_by_stream for sink in sinks])
+        raise
+    if multi.error is not None:
+        raise CamError(f"inference failed: {multi.error}")
+    _report(multi, stopped)
+    for sinks in sinks_by_stream:
+        for sink in sinks:
+            if sink.complete:
+                log.info("wrote %s (%d frames)", sink.path, sink.frames_written)
+            else:
+                log.info("%s was not written: no frame was explained", sink.path)
+    return 0
+
+
+def _run_streams(args: argparse.Namespace, specs: Sequence[str], names: Sequence[str], model, options,
+                 sinks_by_stream: list[list]):
+    """The multi-stream run itself, until every stream ends or the window is quit; returns the loop and how it
+    stopped. The recordings are closed (finalised) when it returns or raises."""
+    from .mosaic import Tile, mosaic
+    from .sinks import WindowSink, check_not_an_input, open_file_sink
+    from .streams import MultiStream
+    from .view import QUIT, ViewState, handle_key
+
+    stopped = "end"
     with contextlib.ExitStack() as stack:
         sources = _open_sources(specs, args, stack)
         if args.output is not None:
@@ -214,16 +239,7 @@ def cmd_run_streams(args: argparse.Namespace, specs: Sequence[str]) -> int:
                 time.sleep(MOSAIC_REFRESH_S)
         finally:
             multi.close()  # before the recordings close: no frame is written into a closed file
-    if multi.error is not None:
-        raise CamError(f"inference failed: {multi.error}")
-    _report(multi, stopped)
-    for sinks in sinks_by_stream:
-        for sink in sinks:
-            if sink.complete:
-                log.info("wrote %s (%d frames)", sink.path, sink.frames_written)
-            else:
-                log.info("%s was not written: no frame was explained", sink.path)
-    return 0
+    return multi, stopped
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

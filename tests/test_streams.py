@@ -3,6 +3,9 @@ stream that dies or fails leaves the others running, each stream's own view; the
 sources."""
 
 import logging
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import needs_shared, shared
 from mjpeg_server import MjpegServer
+from test_window import display, needs_x, press, screenshot, wait_for_window  # noqa: F401 - display: Xvfb fixture
 
 from realtime_cam.cli import main
 from realtime_cam.errors import SourceError
@@ -199,3 +203,53 @@ def test_one_source_keeps_the_single_stream_path(monkeypatch, tiny_onnx, tmp_pat
     image = tmp_path / "a.png"
     cv2.imwrite(str(image), np.full((64, 64, 3), 128, np.uint8))
     assert main(["run", "--model", str(tiny_onnx), "--source", str(image), "--no-display"]) == 0
+
+
+@needs_x
+@needs_shared
+def test_the_window_shows_a_mosaic_of_the_streams_and_q_quits(display, tiny_onnx, tmp_path):  # noqa: F811
+    proc = subprocess.Popen([sys.executable, "-m", "realtime_cam", "run", "--model", str(tiny_onnx), "--loop",
+                             "--source", str(shared(*BOTTLE)), "--source", str(shared(*CAR))],
+                            env=display, stderr=subprocess.PIPE, text=True)
+    try:
+        window = wait_for_window(display, "realtime-cam: 2 streams")
+        time.sleep(1.5)  # let the tiles paint
+        shot = screenshot(display, tmp_path / "shot.png")
+        geometry = subprocess.run(["xdotool", "getwindowgeometry", window], env=display, capture_output=True,
+                                  text=True).stdout
+        press(display, window, "q")
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "1280x360" in geometry  # two 640x360 tiles side by side
+    hsv = cv2.cvtColor(shot[:360, :1280], cv2.COLOR_BGR2HSV)
+    for tile in (hsv[:, :640], hsv[:, 640:]):  # a heatmap in each tile
+        assert ((tile[..., 1] > 150) & (tile[..., 2] > 80)).mean() > 0.2
+    assert "bottle-detection.mp4:" in err and "car-detection.mp4:" in err
+
+
+@needs_shared
+def test_sigterm_finalises_every_recording_and_says_so(tiny_onnx, tmp_path):
+    out = tmp_path / "recordings"
+    proc = subprocess.Popen([sys.executable, "-m", "realtime_cam", "run", "--model", str(tiny_onnx), "--loop",
+                             "--no-display", "--output", str(out), "--source", str(shared(*BOTTLE)),
+                             "--source", str(shared(*CAR))], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: len(list(out.glob("*"))) == 2, what="the two recordings to start")
+        time.sleep(1.0)  # some frames into each
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "realtime-cam: terminated"
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == ["00-bottle-detection.mp4", "01-car-detection.mp4"]  # renamed: complete
+    for path in files:
+        assert f"{path} is finalised with" in err
+        cap = cv2.VideoCapture(str(path))
+        assert cap.read()[0]
+        cap.release()
