@@ -455,8 +455,8 @@ class MultiStream:
                     if items is None:
                         return
                     for stream, frame, out in items:
-                        if stream.slot.ended and stream.slot.error is not None:
-                            continue
+                        if stream.slot.error is not None or self._reached_max(stream):
+                            continue  # failed, or done: a frame taken meanwhile is not drawn
                         try:
                             self._render(stream, frame, out)
                         except Exception as exc:  # noqa: BLE001 - this stream ends; the others go on
@@ -482,10 +482,13 @@ class MultiStream:
             now = time.perf_counter()
             stream.latency_ms.append((now - frame.captured_at) * 1000.0)
             stream.rate.tick(now)
-            if options.max_frames is not None and stream.rate.done >= options.max_frames:
+            if self._reached_max(stream):
                 stream.slot.finish()
         for callback in stream.on_overlay:
             callback(stream.shown.overlay)
+
+    def _reached_max(self, stream: Stream) -> bool:
+        return self.options.max_frames is not None and stream.rate.done >= self.options.max_frames
 
     def _report(self, stream: Stream) -> None:
         """Say once that a stream ended with an error (the others go on)."""
