@@ -253,3 +253,15 @@ def test_sigterm_finalises_every_recording_and_says_so(tiny_onnx, tmp_path):
         cap = cv2.VideoCapture(str(path))
         assert cap.read()[0]
         cap.release()
+
+
+@needs_shared
+def test_run_reads_its_streams_from_a_text_file(tmp_path, tiny_onnx, capsys):
+    with MjpegServer(shared(*PEOPLE), fps=25) as camera:
+        listing = tmp_path / "cameras.txt"
+        listing.write_text(f"# a camera and a clip\n{camera.url}\n\n{shared(*CAR)}\n")
+        code = main(["run", "--model", str(tiny_onnx), "--source", str(listing), "--no-display", "--max-frames", "8"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "2 streams, batched" in err
+    assert "127.0.0.1" in err and "/stream.mjpg: 8 frames" in err and "car-detection.mp4: 8 frames" in err
