@@ -2,6 +2,7 @@
 stream that dies or fails leaves the others running, each stream's own view; the mosaic; `run` with several
 sources."""
 
+import json
 import logging
 import signal
 import subprocess
@@ -265,3 +266,17 @@ def test_run_reads_its_streams_from_a_text_file(tmp_path, tiny_onnx, capsys):
     assert code == 0, err
     assert "2 streams, batched" in err
     assert "127.0.0.1" in err and "/stream.mjpg: 8 frames" in err and "car-detection.mp4: 8 frames" in err
+
+
+def test_bench_streams_reports_total_fps_latency_and_batches(tmp_path, tiny_onnx, capsys):
+    out = tmp_path / "streams.json"
+    assert main(["bench", "--model", str(tiny_onnx), "--streams", "1,3", "--device", "cpu", "--frames", "30",
+                 "--warmup", "6", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    one, three = report["results"]
+    assert (one["streams"], three["streams"]) == (1, 3) and one["vs_one_stream"] == 1.0
+    assert one["mean_batch"] == 1.0 and three["mean_batch"] > 1.5  # every stream always has a frame ready
+    assert len(three["latency_ms_per_stream"]) == 3 and three["latency_ms"]["p95_ms"] >= three["latency_ms"]["median_ms"]
+    assert len(three["fps_total_per_round"]) == report["config"]["rounds"] == 3
+    assert three["fps_total"] > 0 and "x 1 stream" in table
