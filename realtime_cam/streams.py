@@ -447,7 +447,8 @@ class MultiStream:
 
     # -- the render thread
     def _render_loop(self) -> None:
-        lower_this_threads_priority()
+        # At normal priority (unlike the single stream's render thread): drawing N streams is a large share of
+        # the work, and a lowered thread would only run while inference sleeps, which serialises the two.
         try:
             with single_threaded_opencv():
                 while True:
