@@ -84,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", type=Path, default=None,
                      help=f"realtime-cam model file (default: {default_model_path()}, exported on first use "
                           "from torchvision's ResNet18 weights, downloaded once and hash-checked; no torch needed)")
-    run.add_argument("--source", default="0",
-                     help="webcam index, video file, image file, or a URL OpenCV opens (rtsp://, http://)")
+    run.add_argument("--source", action="append", default=None,
+                     help="webcam index, video file, image file, or a URL OpenCV opens (rtsp://, http://); "
+                          "repeat it (or give a .txt file listing webcams and URLs, one per line) to explain "
+                          "several live streams in one batched session (default: 0)")
     run.add_argument("--reconnect", type=non_negative_int, default=3, metavar="N",
                      help="live sources: reopen a camera or stream that stops, up to N times with backoff")
     run.add_argument("--device", choices=DEVICES, default="auto",
@@ -130,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--snapshot-dir", type=Path, default=Path("realtime-cam-snapshots"),
                      help="where s (snapshot: PNG + map .npy + JSON) and r (recording) write")
     _add_collection_options(run)
+    from .streams_cli import add_serve_parser, add_stream_options, stream_counts
+
+    add_stream_options(run)
 
     bench = sub.add_parser(
         "bench", formatter_class=fmt,
@@ -156,8 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "LIST.txt) in-process, on Ray with 1 worker and with --workers, and Ray's overhead per file")
     bench.add_argument("--workers", type=positive_int, default=None, metavar="N",
                        help="--collection: the Ray workers of the many-worker run (default: one per CPU)")
+    bench.add_argument("--streams", type=stream_counts, default=None, metavar="N,N,...",
+                       help="instead: explain N live streams at once for each N (1,2,4,8): total frames per second "
+                            "and each stream's capture-to-overlay latency")
 
     _add_evaluate_parser(sub)
+    add_serve_parser(sub, run, fmt)
 
     export = sub.add_parser(
         "export", formatter_class=fmt,
@@ -311,12 +320,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .providers import CUDA
     from .sinks import FILE_SINKS, WindowSink, check_output_path, open_file_sink
     from .sources import check_source, open_source
+    from .streams_cli import cmd_run_streams, stream_specs
     from .temporal import TemporalOptions
     from .view import ViewState
 
     if args.codec is not None:
         check_codec(args.codec)
-    if is_collection(args.source):
+    specs = stream_specs(args.source)
+    if specs is not None:  # several live streams in one batched session
+        return cmd_run_streams(args, specs)
+    args.source = (args.source or ["0"])[0]
+    if is_collection(args.source):  # a folder, a glob or a list of files: every frame of each, to a folder
         return run_collection(args)
     check_source(args.source)  # a typo is reported before a model is loaded (or exported the first time)
     if args.output is not None:  # refuse an unwritable output before any work is done
@@ -410,6 +424,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.streams is not None:
+        from .streams_bench import cmd_bench_streams
+
+        return cmd_bench_streams(args)
     from .bench import BenchConfig, format_table, plot_report, run_bench
     from .sinks import check_output_path, write_json
 
@@ -477,7 +495,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "export": cmd_export, "bench": cmd_bench, "evaluate": cmd_evaluate}
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .streams_cli import cmd_serve as serve
+
+    return serve(args)
+
+
+COMMANDS = {"run": cmd_run, "export": cmd_export, "bench": cmd_bench, "evaluate": cmd_evaluate, "serve": cmd_serve}
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -1,0 +1,1 @@
+"""``realtime-cam serve``: the streams in a web browser (MJPEG per stream, a JSON endpoint, per-stream controls)."""

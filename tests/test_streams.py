@@ -1,0 +1,291 @@
+"""Several live streams in one batched session: every stream explained, batches that hold several streams, a
+stream that dies or fails leaves the others running, each stream's own view; the mosaic; `run` with several
+sources."""
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import cv2
+import numpy as np
+import pytest
+from conftest import needs_shared, shared
+from mjpeg_server import MjpegServer
+from test_window import display, needs_x, press, screenshot, wait_for_window  # noqa: F401 - display: Xvfb fixture
+
+from realtime_cam.cli import main
+from realtime_cam.model import CamModel
+from realtime_cam.mosaic import Tile, grid_shape, mosaic
+from realtime_cam.sinks import Sink
+from realtime_cam.streams import LiveFile, MultiStream, open_live, read_source_list, stream_name
+from realtime_cam.streams_cli import stream_specs
+
+BOTTLE, CAR, PEOPLE = ("videos", "bottle-detection.mp4"), ("videos", "car-detection.mp4"), ("videos", "vtest.avi")
+
+
+def wait_until(condition, timeout=20.0, what="condition"):
+    """Polls ``condition`` (not a timing assertion: the bound only keeps a broken run from hanging)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_onnx):
+    return CamModel(tiny_onnx, device="cpu")
+
+
+@needs_shared
+def test_every_stream_is_explained_and_batches_hold_several_streams(tiny_model):
+    with MjpegServer(shared(*PEOPLE), fps=25) as camera:
+        sources = [open_live(str(shared(*BOTTLE))), open_live(str(shared(*CAR))), open_live(camera.url)]
+        assert all(s.live for s in sources) and isinstance(sources[0], LiveFile)
+        with MultiStream(tiny_model, sources, batch_timeout_s=0.05) as multi:
+            assert multi.max_batch == 3
+            wait_until(lambda: all(s.rate.done >= 15 for s in multi.streams), what="15 frames of every stream")
+            sizes = Counter(multi.batch_sizes)
+            shown = [s.shown for s in multi.streams]
+    assert all(s["frames"] >= 15 and s["error"] is None for s in multi.result().streams.values())
+    # One inference call explained frames of several streams, many times over.
+    assert sum(n for size, n in sizes.items() if size >= 2) >= 5, sizes
+    assert max(sizes) <= 3
+    # Each stream's overlay is its own source's picture, at its own size.
+    assert shown[0].overlay.shape[:2] == (360, 640) and shown[1].overlay.shape[:2] == (432, 768)
+    assert shown[2].overlay.shape[:2] == (180, 320)
+
+
+@needs_shared
+def test_a_source_that_dies_is_reported_once_and_the_others_go_on(tiny_model, caplog):
+    with MjpegServer(shared(*PEOPLE), fps=25, stop_after=10) as camera:
+        sources = [open_live(camera.url, reconnect=0), open_live(str(shared(*BOTTLE)))]
+        with caplog.at_level(logging.WARNING, logger="realtime_cam"), MultiStream(tiny_model, sources) as multi:
+            dying, other = multi.streams
+            wait_until(lambda: dying.slot.ended, what="the camera's stream to end")
+            after_death = other.rate.done
+            wait_until(lambda: other.rate.done >= after_death + 20, what="the other stream to go on")
+            assert not other.slot.ended and not multi.done
+    assert "stopped delivering frames" in dying.slot.error
+    ended = [r.getMessage() for r in caplog.records if "ended" in r.getMessage()]
+    assert len(ended) == 1 and dying.name in ended[0] and "1 other streams go on" in ended[0]
+
+
+class FailingSink(Sink):
+    def __init__(self, after):
+        self.after, self.frames = after, 0
+
+    def write(self, image):
+        self.frames += 1
+        if self.frames > self.after:
+            raise OSError("disk full")
+
+
+@needs_shared
+def test_a_stream_whose_output_fails_ends_alone(tiny_model):
+    sources = [open_live(str(shared(*BOTTLE))), open_live(str(shared(*CAR)))]
+    with MultiStream(tiny_model, sources, sinks=[[FailingSink(5)], []]) as multi:
+        failing, other = multi.streams
+        wait_until(lambda: failing.slot.ended, what="the failing stream to end")
+        n = other.rate.done
+        wait_until(lambda: other.rate.done >= n + 10, what="the other stream to go on")
+    assert "disk full" in failing.slot.error and failing.rate.done == 5
+    assert other.slot.error is None
+
+
+@needs_shared
+def test_each_stream_has_its_own_view_pin_and_pause(tiny_model):
+    sources = [open_live(str(shared(*BOTTLE))), open_live(str(shared(*CAR)))]
+    with MultiStream(tiny_model, sources) as multi:
+        a, b = multi.streams
+        wait_until(lambda: a.shown is not None and b.shown is not None, what="first overlays")
+        tabby = tiny_model.class_id_for("tabby")
+        a.set_view(pinned_class=tabby, method="gradcam")
+        wait_until(lambda: a.shown.prediction.class_id == tabby, what="the pinned class on stream a")
+        assert a.shown.prediction.pinned and a.shown.prediction.method == "gradcam"
+        assert not b.shown.prediction.pinned and b.shown.prediction.method == "cam"
+        a.set_view(paused=True)
+        time.sleep(0.3)  # a frame already taken for inference still lands
+        held, n = a.rate.done, b.rate.done
+        before = a.shown.overlay
+        a.set_view(alpha=0.9)  # redraws the held frame with the new view
+        wait_until(lambda: a.shown.overlay is not before, what="the held frame's redraw")
+        wait_until(lambda: b.rate.done >= n + 15, what="the other stream to go on")
+        assert a.rate.done == held
+        a.set_view(paused=False)
+        wait_until(lambda: a.rate.done >= held + 5, what="stream a to resume")
+
+
+@needs_shared
+def test_a_video_file_plays_live_at_its_own_rate_and_can_loop():
+    """Paced by the file's frame rate: a consumer reading nothing for a while finds only the newest frame;
+    with loop, the file starts again at its end."""
+    source = open_live(str(shared(*CAR)), loop=True)  # 377 frames at 12.5 fps
+    with source:
+        frames = iter(source)
+        first = next(frames)
+        time.sleep(0.5)  # ~6 frames played meanwhile: all but the newest are dropped
+        second = next(frames)
+        assert second.index - first.index >= 2 and second.captured_at > first.captured_at
+    assert source.fps == pytest.approx(12.5)
+
+
+def test_source_lists_and_names(tmp_path):
+    lst = tmp_path / "cams.txt"
+    lst.write_text("# cameras\n0\n\nrtsp://10.0.0.5/stream1\nclip.mp4\n")
+    assert read_source_list(lst) == ["0", "rtsp://10.0.0.5/stream1", "clip.mp4"]
+    files = tmp_path / "files.txt"
+    files.write_text("a.mp4\nb.mp4\n")
+    assert read_source_list(files) == ["a.mp4", "b.mp4"]
+    assert stream_specs([str(files)]) is None  # for run, a collection (issue 18); serve plays them live
+    assert stream_specs([str(files)], files_too=True) == ["a.mp4", "b.mp4"]
+    assert stream_specs([str(lst)]) == ["0", "rtsp://10.0.0.5/stream1", "clip.mp4"]
+    assert stream_name("rtsp://10.0.0.5/stream1?x=1") == "10.0.0.5/stream1"
+    assert stream_name("/a/clip.mp4", ["clip.mp4"]) == "clip.mp4 (2)"
+    assert stream_name("0") == "webcam 0"
+
+
+def test_run_takes_a_list_of_plain_files_as_a_collection(tmp_path, tiny_onnx):
+    """A .txt of files only is a collection (every frame of each, to a folder), a list with a camera or URL in
+    it is streams."""
+    from synthetic import write_photo
+
+    write_photo(tmp_path / "a.png")
+    write_photo(tmp_path / "b.png")
+    files = tmp_path / "files.txt"
+    files.write_text("a.png\nb.png\n")
+    out = tmp_path / "out"
+    assert main(["run", "--model", str(tiny_onnx), "--source", str(files), "--output", str(out), "--no-display",
+                 "--no-ray"]) == 0
+    assert (out / "a.png").is_file() and (out / "b.png").is_file()
+
+
+def test_mosaic_tiles_labels_and_ended_streams():
+    red = np.zeros((90, 160, 3), np.uint8)
+    red[:] = (0, 0, 255)
+    tall = np.full((200, 100, 3), 255, np.uint8)
+    image = mosaic([Tile(red, "a", 25.0), Tile(tall, "b", 12.0), Tile(None, "c"), Tile(red, "d", ended=True)],
+                   tile_wh=(320, 180))
+    assert grid_shape(4) == (2, 2) and grid_shape(5) == (2, 3) and grid_shape(1) == (1, 1)
+    assert image.shape == (360, 640, 3)
+    assert tuple(image[40, 160]) == (0, 0, 255)  # tile a: the frame fills it (same aspect ratio)
+    assert tuple(image[40, 320 + 20]) == (24, 24, 24) and image[40, 320 + 160].min() == 255  # b: letterboxed
+    assert image[270, 480, 2] < 100  # d: dimmed, it has ended
+
+
+@needs_shared
+def test_run_with_two_sources_writes_one_recording_per_stream(tmp_path, tiny_onnx, capsys):
+    out = tmp_path / "recordings"
+    code = main(["run", "--model", str(tiny_onnx), "--source", str(shared(*BOTTLE)), "--source", str(shared(*CAR)),
+                 "--no-display", "--max-frames", "12", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == ["00-bottle-detection.mp4", "01-car-detection.mp4"]
+    for path, size in zip(files, [(640, 360), (768, 432)]):
+        cap = cv2.VideoCapture(str(path))
+        assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == size
+        assert cap.read()[0]
+        cap.release()
+    assert "bottle-detection.mp4: 12 frames" in err and "streams each on average" in err
+    assert f"wrote {files[0]}" in err
+
+
+@needs_shared
+def test_run_with_several_sources_refuses_an_output_file(tmp_path, tiny_onnx, capsys):
+    target = tmp_path / "out.mp4"
+    target.write_bytes(b"x")
+    code = main(["run", "--model", str(tiny_onnx), "--source", str(shared(*BOTTLE)), "--source", str(shared(*CAR)),
+                 "--no-display", "--output", str(target)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is a folder" in err[0]
+
+
+def test_one_source_keeps_the_single_stream_path(monkeypatch, tiny_onnx, tmp_path):
+    """One --source never goes to the multi-stream loop (its options and outputs stay as they were)."""
+    import realtime_cam.streams_cli as streams_cli
+
+    monkeypatch.setattr(streams_cli, "cmd_run_streams", lambda *a: pytest.fail("went to the multi-stream loop"))
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), np.full((64, 64, 3), 128, np.uint8))
+    assert main(["run", "--model", str(tiny_onnx), "--source", str(image), "--no-display"]) == 0
+
+
+@needs_x
+@needs_shared
+def test_the_window_shows_a_mosaic_of_the_streams_and_q_quits(display, tiny_onnx, tmp_path):  # noqa: F811
+    proc = subprocess.Popen([sys.executable, "-m", "realtime_cam", "run", "--model", str(tiny_onnx), "--loop",
+                             "--source", str(shared(*BOTTLE)), "--source", str(shared(*CAR))],
+                            env=display, stderr=subprocess.PIPE, text=True)
+    try:
+        window = wait_for_window(display, "realtime-cam: 2 streams")
+        time.sleep(1.5)  # let the tiles paint
+        shot = screenshot(display, tmp_path / "shot.png")
+        geometry = subprocess.run(["xdotool", "getwindowgeometry", window], env=display, capture_output=True,
+                                  text=True).stdout
+        press(display, window, "q")
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "1280x360" in geometry  # two 640x360 tiles side by side
+    hsv = cv2.cvtColor(shot[:360, :1280], cv2.COLOR_BGR2HSV)
+    for tile in (hsv[:, :640], hsv[:, 640:]):  # a heatmap in each tile
+        assert ((tile[..., 1] > 150) & (tile[..., 2] > 80)).mean() > 0.2
+    assert "bottle-detection.mp4:" in err and "car-detection.mp4:" in err
+
+
+@needs_shared
+def test_sigterm_finalises_every_recording_and_says_so(tiny_onnx, tmp_path):
+    out = tmp_path / "recordings"
+    proc = subprocess.Popen([sys.executable, "-m", "realtime_cam", "run", "--model", str(tiny_onnx), "--loop",
+                             "--no-display", "--output", str(out), "--source", str(shared(*BOTTLE)),
+                             "--source", str(shared(*CAR))], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: len(list(out.glob("*"))) == 2, what="the two recordings to start")
+        time.sleep(1.0)  # some frames into each
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "realtime-cam: terminated"
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == ["00-bottle-detection.mp4", "01-car-detection.mp4"]  # renamed: complete
+    for path in files:
+        assert f"{path} is finalised with" in err
+        cap = cv2.VideoCapture(str(path))
+        assert cap.read()[0]
+        cap.release()
+
+
+@needs_shared
+def test_run_reads_its_streams_from_a_text_file(tmp_path, tiny_onnx, capsys):
+    with MjpegServer(shared(*PEOPLE), fps=25) as camera:
+        listing = tmp_path / "cameras.txt"
+        listing.write_text(f"# a camera and a clip\n{camera.url}\n\n{shared(*CAR)}\n")
+        code = main(["run", "--model", str(tiny_onnx), "--source", str(listing), "--no-display", "--max-frames", "8"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "2 streams, batched" in err
+    assert "127.0.0.1" in err and "/stream.mjpg: 8 frames" in err and "car-detection.mp4: 8 frames" in err
+
+
+def test_bench_streams_reports_total_fps_latency_and_batches(tmp_path, tiny_onnx, capsys):
+    out = tmp_path / "streams.json"
+    assert main(["bench", "--model", str(tiny_onnx), "--streams", "1,3", "--device", "cpu", "--frames", "30",
+                 "--warmup", "6", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    one, three = report["results"]
+    assert (one["streams"], three["streams"]) == (1, 3) and one["vs_one_stream"] == 1.0
+    assert one["mean_batch"] == 1.0 and three["mean_batch"] > 1.5  # every stream always has a frame ready
+    assert len(three["latency_ms_per_stream"]) == 3 and three["latency_ms"]["p95_ms"] >= three["latency_ms"]["median_ms"]
+    assert len(three["fps_total_per_round"]) == report["config"]["rounds"] == 3
+    assert three["fps_total"] > 0 and "x 1 stream" in table
