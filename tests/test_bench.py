@@ -56,6 +56,16 @@ def test_bench_writes_a_complete_report_and_a_chart(mnv2_int8_onnx, tmp_path, ca
         assert cpu["total"] == pytest.approx(sum(v for k, v in cpu.items() if k != "total"))
         assert all(v > 0 for v in cpu.values())
         assert row["inference"]["cpu_ms_per_frame"] > 0
+        # video files by codec: OpenCV's capture and mp4v writer against PyAV's decoder and H.264, in one run
+        codecs = row["codecs"]
+        assert set(codecs["decode_ms"]) == {"opencv", "pyav"}
+        assert codecs["encode_ms"]["pyav libx264"]["codec"] == "libx264"
+        assert codecs["encode_ms"]["opencv mp4v"]["codec"] == "mp4v"
+        assert all(v["mean_ms"] > 0 and v["bytes"] > 0 for v in codecs["encode_ms"].values())
+        f2f = codecs["file_to_file"]
+        assert f2f["pyav libx264"]["fps"] > 0 and f2f["opencv mp4v"]["fps"] > 0
+        assert row["ratios"]["file_to_file_h264_vs_mp4v"] == pytest.approx(
+            f2f["pyav libx264"]["fps"] / f2f["opencv mp4v"]["fps"])
     # the same model twice: fidelity must be perfect
     fid = rows[1]["fidelity_vs_first"]
     assert fid["top1_agreement_pct"] == 100.0 and fid["map_r_median"] == pytest.approx(1.0)
@@ -67,6 +77,7 @@ def test_bench_writes_a_complete_report_and_a_chart(mnv2_int8_onnx, tmp_path, ca
     assert cv2.imread(str(out_png)) is not None
     table = capsys.readouterr().out
     assert "infer FPS" in table and "infer@batch" in table and "seed (torch eager)" in table
+    assert "file to file FPS by reader and encoder: opencv mp4v" in table and "(H.264 / mp4v " in table
 
 
 def test_bench_without_the_seed_baseline_never_imports_torch(tiny_onnx, tmp_path):
@@ -91,7 +102,7 @@ def test_bench_frame_by_frame_has_no_batched_figures(tiny_onnx, tmp_path, capsys
                  "--batch", "1", "--no-seed", "--json", str(out_json)]) == 0
     row = json.loads(out_json.read_text())["results"][0]
     assert row["batch"] == 1 and "inference_batched" not in row
-    assert set(row["ratios"]) == {"file_to_file_vs_inference", "inference_vs_resident"}
+    assert set(row["ratios"]) == {"file_to_file_vs_inference", "inference_vs_resident", "file_to_file_h264_vs_mp4v"}
     assert row["inference_resident"]["batch"] == 1
     line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith(tiny_onnx.name))
     assert line.split()[2:5] == ["1", row["inference"]["fps"].__format__(".1f"), "-"]
