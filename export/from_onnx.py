@@ -218,7 +218,8 @@ def _rewrite_graph_head(model: onnx.ModelProto, original_bytes: bytes, path: Dat
                         log: Callable[[str], None]) -> RewriteReport:
     """A contract file without a linear head: ``features``, ``logits`` and their gradient (see graph_head.py)."""
     asked, grid = asked_grid
-    features, logits = explained_tensors(path, shapes, asked, src)
+    produced = frozenset(o for node in model.graph.node for o in node.output)
+    features, logits = explained_tensors(path, shapes, asked, src, produced)
     token_shape = None
     if asked is not None:  # a token tensor becomes a map inside the graph
         token_shape = (shapes.get(features) or tensor_shapes(model, [(features, None)], input_name, tests[0],

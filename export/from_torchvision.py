@@ -266,15 +266,18 @@ def export_torchvision(
     opset: int = 18,
     labels_path: str | None = None,
     log: Callable[[str], None] = print,
+    features: str | None = None,
 ) -> ExportReport:
     """Export ``arch`` to one self-contained contract file and check it against PyTorch.
+
+    ``features`` names the layer to explain (export/target_layers.py); the file then has a graph head.
 
     Raises:
         ExportError: weights that cannot be had or loaded, an unsupported head, or a failed check.
     """
     model, info = build_model(arch, weights, log=log)
-    if family_of(arch) is None:  # not GAP + linear: explained at its target layer with in-graph gradients
-        done = export_graph_head(model, info, arch, Path(output), opset, labels_path, log)
+    if family_of(arch) is None or features is not None:  # explained at a target layer with in-graph gradients
+        done = export_graph_head(model, info, arch, Path(output), opset, labels_path, log, features=features)
         return ExportReport(path=Path(output), arch=arch, weights=info.source, num_classes=done.num_classes,
                             feature_shape=done.feature_shape, max_abs_diff_logits=done.max_abs_diff_logits,
                             max_abs_diff_features=done.max_abs_diff_features, max_abs_diff_grads=done.max_abs_diff_grads)

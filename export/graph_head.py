@@ -25,15 +25,17 @@ from .token_grid import TokenGrid, regrid
 _SOFTMAX = ("Softmax", "LogSoftmax")
 
 
-def explained_tensors(path: DataPath, shapes: Shapes, asked: str | None, src: Path) -> tuple[str, str]:
-    """(features, logits) for a graph head: the asked tensor or the last 4-D map with more than one position,
-    and the output (the input of a final Softmax, whose gradient would explain probabilities instead)."""
+def explained_tensors(path: DataPath, shapes: Shapes, asked: str | None, src: Path,
+                      produced: frozenset[str] = frozenset()) -> tuple[str, str]:
+    """(features, logits) for a graph head: the asked tensor (on the data path, or any of ``produced``: a
+    block's inner tensor, off the residual path) or the last 4-D map with more than one position, and the
+    output (the input of a final Softmax, whose gradient would explain probabilities instead)."""
     logits = path[0][0]
     producer = path[0][1]
     if producer is not None and producer.op_type in _SOFTMAX and producer.input:
         logits = producer.input[0]
     if asked is not None:
-        if asked not in shapes and asked not in {t for t, _ in path}:
+        if asked not in shapes and asked not in {t for t, _ in path} and asked not in produced:
             known = any(asked in node.output for _, node in path if node is not None)
             if not known:
                 raise ExportError(f"--features {asked}: no tensor of that name on the path from {src.name}'s "

@@ -27,7 +27,8 @@ from realtime_cam.contract import FEATURES, GRADS, GRADS_CLASS, LOGITS, ModelInf
 from realtime_cam.errors import ExportError
 
 from .checks import cpu_session, float_tolerance, replace_atomically
-from .token_grid import TokenGrid
+from .target_layers import resolve_layer
+from .token_grid import TokenGrid, guess_grid
 from .token_grid import record as record_grid
 
 TARGET_OUTPUT = "target_layer"
@@ -128,8 +129,9 @@ class GraphExport:
 
 
 def export_graph_head(model: nn.Module, info: ModelInfo, arch: str, output: Path, opset: int,
-                      labels_path: str | None, log: Callable[[str], None]) -> GraphExport:
-    """Write ``model`` as a "graph" contract file explaining its family's target layer; check it against PyTorch.
+                      labels_path: str | None, log: Callable[[str], None], features: str | None = None) -> GraphExport:
+    """Write ``model`` as a "graph" contract file explaining its family's target layer (or the layer
+    ``features`` names, see export/target_layers.py); check it against PyTorch.
 
     Args:
         info: what the file's metadata says (its labels are kept when ``labels_path`` is None and they fit).
@@ -137,16 +139,24 @@ def export_graph_head(model: nn.Module, info: ModelInfo, arch: str, output: Path
     """
     from .from_onnx import rewrite_onnx_classifier
 
-    layer = GRAPH_FAMILIES[graph_family_of(arch)]
+    family = graph_family_of(arch)
+    layer = GRAPH_FAMILIES[family] if features is None else asked_layer(model, arch, features)
     wrapper = WithTarget(model, layer.module(model)).eval()
     h, w = info.input_size_hw
     x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits_ref, target_ref = wrapper(x)
-    if target_ref.ndim != 4 and layer.grid is None:
-        raise ExportError(f"{arch}: the output of {layer.grad_cam} is {list(target_ref.shape)}, not [N, C, h, w]")
-    log(f"{arch}: {layer.head} follow, so CAM is not defined; explaining {layer.grad_cam} (pytorch-grad-cam's "
-        "target layer) with in-graph gradients")
+    if features is not None:
+        layer = dataclasses.replace(layer, grid=_grid_of(target_ref, layer.module(model), family))
+    if not isinstance(target_ref, torch.Tensor) or (target_ref.ndim != 4 and layer.grid is None):
+        shape = list(target_ref.shape) if isinstance(target_ref, torch.Tensor) else type(target_ref).__name__
+        raise ExportError(f"{arch}: the output of {layer.grad_cam} is {shape}, not a map [N, C, h, w] nor tokens "
+                          "[N, T, C]; name another layer with --features")
+    if features is None:
+        log(f"{arch}: {layer.head} follow, so CAM is not defined; explaining {layer.grad_cam} (pytorch-grad-cam's "
+            "target layer) with in-graph gradients")
+    else:
+        log(f"{arch}: explaining {layer.grad_cam} (--features) with in-graph gradients")
     proto = torch_to_onnx(wrapper, x, [LOGITS, TARGET_OUTPUT], opset, arch)
     del proto.graph.output[1:]  # the target tensor keeps its name inside the graph; rewrite names it features
     output = Path(output)
@@ -174,6 +184,25 @@ def export_graph_head(model: nn.Module, info: ModelInfo, arch: str, output: Path
     log("ONNX Runtime vs PyTorch: max |logits diff| {:.3g}, max |features diff| {:.3g}, max |grads diff| {:.3g} "
         "(autograd)".format(*diffs))
     return GraphExport(report.num_classes, report.feature_shape_chw, *diffs)
+
+
+def asked_layer(model: nn.Module, arch: str, features: str) -> TargetLayer:
+    """The layer ``--features`` names, as a target layer (its grid is set once its output is seen)."""
+    module, name = resolve_layer(model, features, arch)
+    return TargetLayer(lambda m: module, f"model.{name}", "the rest of the network")
+
+
+def _grid_of(out: torch.Tensor, module: nn.Module, family: str | None) -> TokenGrid | None:
+    """How the output of an asked layer becomes a map: [N, T, C] tokens as a square grid after at most 8
+    leading tokens; 4-D channels-last in a family whose blocks work on [N, h, w, C] (Swin), except a conv's."""
+    if not isinstance(out, torch.Tensor):
+        return None
+    if out.ndim == 3:
+        return guess_grid(tuple(out.shape))
+    default = GRAPH_FAMILIES[family].grid if family is not None else None
+    if out.ndim == 4 and default is not None and default.layout == "nhwc" and not isinstance(module, nn.Conv2d):
+        return default
+    return None
 
 
 def to_map(t: torch.Tensor, grid: TokenGrid | None) -> torch.Tensor:

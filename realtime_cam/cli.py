@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, default=None, help="write the full report as JSON")
     bench.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG)")
     bench.add_argument("--no-seed", action="store_true", help="skip the PyTorch seed-approach baseline")
+    bench.add_argument("--grad-reference", default=None, metavar="ARCH",
+                       help="also time pytorch-grad-cam's GradCAM loop on torchvision's ARCH (the network the "
+                            "model was exported from; random weights: speed does not depend on them)")
 
     _add_evaluate_parser(sub)
 
@@ -176,9 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--from-onnx: per-channel std on the 0..1 scale (default ImageNet's)")
     export.add_argument("--bgr", action="store_true", help="--from-onnx: the model takes BGR channel order")
     export.add_argument("--features", default=None, metavar="TENSOR",
-                        help="--from-onnx: the tensor to explain, as pytorch-grad-cam's target layer (default: the "
-                             "map before a GAP + linear head, else the last spatial map); explained with gradients "
-                             "computed inside the graph")
+                        help="the tensor (--from-onnx) or layer (--arch, e.g. features[-2] or layer3: pytorch-grad-cam's "
+                             "target layer) to explain (default: the map before a GAP + linear head, else the "
+                             "family's target layer or the last spatial map); explained with gradients computed "
+                             "inside the graph")
     precision = export.add_mutually_exclusive_group()
     precision.add_argument("--int8", action="store_true",
                            help="write a static int8 model for the CPU (QDQ, per-channel weights, head kept fp32); "
@@ -369,7 +373,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not path.exists():
             raise CamError(f"model file not found: {path} (make one with `realtime-cam export`)")
     config = BenchConfig(models=models, source=args.source, devices=args.device, frames=args.frames,
-                         warmup=args.warmup, seed_baseline=not args.no_seed, batch=args.batch)
+                         warmup=args.warmup, seed_baseline=not args.no_seed, batch=args.batch,
+                         grad_reference=args.grad_reference)
     report = run_bench(config, log=log.info)
     print(format_table(report))
     if args.json is not None:
