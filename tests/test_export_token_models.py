@@ -1,7 +1,7 @@
 """`export --arch` for token models: ViT and Swin are explained at a token tensor made into a map inside the
 graph (pytorch-grad-cam's reshape_transform), with the gradient flowing back through the rest of the last
-block (MaxViT, explained at its last block's output, is left out: see TARGET_LAYERS). gradcam, gradcam++ and layercam maps equal pytorch-grad-cam's on
-the same torchvision model, seeded random weights (random norm parameters), class, target layer and reshape
+block (MaxViT, explained at its last block's output, is left out: see TARGET_LAYERS). gradcam, gradcam++ and
+layercam maps equal pytorch-grad-cam's on the same torchvision model, seeded random weights (random norm parameters), class, target layer and reshape
 transform. Each model is exported once per test session (ViT-B/16 takes ~45 s on two cores)."""
 
 import cv2
