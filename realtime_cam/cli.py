@@ -372,6 +372,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for path in models:
         if not path.exists():
             raise CamError(f"model file not found: {path} (make one with `realtime-cam export`)")
+    if args.grad_reference:
+        from .grad_bench import check_reference
+        check_reference(args.grad_reference)
     config = BenchConfig(models=models, source=args.source, devices=args.device, frames=args.frames,
                          warmup=args.warmup, seed_baseline=not args.no_seed, batch=args.batch,
                          grad_reference=args.grad_reference)

@@ -19,10 +19,11 @@ import onnx
 import onnxruntime as ort
 
 from .contract import FEATURES, GRADS, GRADS_CLASS, LOGITS, TARGET_CLASS
+from .errors import CamError
 from .model import CamModel, _session_options, load_model_proto
 from .pipeline import RunOptions
 
-ROUNDS = 4  # rounds that take the two variants in turn, so that a machine getting busier moves both alike
+ROUNDS = 10  # rounds that take the two variants in turn, so that a machine getting busier moves both alike
 FRAMES = 100  # at most this many timed frames per variant
 
 
@@ -76,18 +77,24 @@ def gradient_cost(model: CamModel, frames: list[np.ndarray], warmup: int) -> dic
             run(x)
     timed = inputs[warmup:]
     seconds = dict.fromkeys(variants, 0.0)
+    shares = []  # per round: on a shared machine the median of these moves less than the totals do
     size = -(-len(timed) // ROUNDS)
     for round_ in range(ROUNDS):
         part = timed[round_ * size:(round_ + 1) * size]
+        took = {}
         for name in variants if round_ % 2 == 0 else list(variants)[::-1]:
             t0 = time.perf_counter()
             for x in part:
                 variants[name](x)
-            seconds[name] += time.perf_counter() - t0
+            took[name] = time.perf_counter() - t0
+            seconds[name] += took[name]
+        if part:
+            shares.append(1.0 - took["without_gradient"] / took["with_gradient"])
     fps = {name: len(timed) / s for name, s in seconds.items()}
     share = 1.0 - fps["with_gradient"] / fps["without_gradient"]
     return {"frames": len(timed), "fps_with_gradient": fps["with_gradient"],
-            "fps_without_gradient": fps["without_gradient"], "gradient_share_of_frame_time": share}
+            "fps_without_gradient": fps["without_gradient"], "gradient_share_of_frame_time": share,
+            "gradient_share_median_of_rounds": float(np.median(shares))}
 
 
 def gradcam_loop(model: CamModel, frames: list[np.ndarray], warmup: int, options: RunOptions) -> dict:
@@ -109,6 +116,17 @@ def grad_reference(arch: str, model: CamModel, frames: list[np.ndarray], device:
     return time_grad_cam(arch, (h, w), model.info.mean, model.info.std, frames[:warmup + FRAMES], warmup)
 
 
+def check_reference(arch: str) -> None:
+    """Refuse, before any measurement, an arch that torchvision does not have (when torchvision is installed;
+    without it the reference is left out and the report says why)."""
+    try:
+        import torchvision
+    except ImportError:
+        return
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise CamError(f"--grad-reference: torchvision has no classification model {arch!r}")
+
+
 def table_lines(report: dict) -> list[str]:
     """Lines for bench's table: the gradient's share of the frame time, and the loop against pytorch-grad-cam."""
     lines = []
@@ -117,7 +135,8 @@ def table_lines(report: dict) -> list[str]:
         if cost:
             lines.append(f"  {name} [{row['device']}] inference with the gradient {cost['fps_with_gradient']:.1f} "
                          f"FPS, without {cost['fps_without_gradient']:.1f}: the gradient is "
-                         f"{100 * cost['gradient_share_of_frame_time']:.1f}% of the frame time")
+                         f"{100 * cost['gradient_share_of_frame_time']:.1f}% of the frame time (median of "
+                         f"{ROUNDS} rounds {100 * cost['gradient_share_median_of_rounds']:.1f}%)")
         loop, ref = row.get("gradcam_loop"), report.get("grad_reference", {}).get(row["device"])
         if loop and ref and "fps" in ref:
             lines.append(f"  {name} [{row['device']}] gradcam loop {loop['fps']:.1f} FPS, pytorch-grad-cam "
