@@ -63,8 +63,10 @@ def export_model(
             file, or "none"), and the ONNX opset to export at.
         from_onnx: rewrite this ONNX classifier (GAP + linear head, float or quantized) instead.
         labels: class names, one per line (default: ImageNet-1k for 1000 classes, else numbered).
-        input_size_hw, mean, std, bgr, features: ``from_onnx`` only; see
+        input_size_hw, mean, std, bgr: ``from_onnx`` only; see
             :func:`~realtime_cam.export.from_onnx.rewrite_onnx_classifier`.
+        features: the tensor (``from_onnx``) or layer (``arch``, export/target_layers.py) to explain with
+            in-graph gradients.
         int8: write a static int8 model for the CPU, calibrated on the frames of ``calibrate``.
         fp16: write a float16 model for the CUDA provider.
         calibrate, calibration_frames, calibration: ``int8``: the frame sources (videos, images, folders),
@@ -91,9 +93,6 @@ def export_model(
         raise ExportError("--int8 needs --calibrate SOURCE: frames (videos, images, folders) to set activation ranges")
     if (calibrate or check) and not (int8 or fp16):
         raise ExportError("--calibrate and --check go with --int8 (or --check with --fp16)")
-    if features is not None and from_onnx is None:
-        raise ExportError("--features goes with --from-onnx (--arch explains the map before a GAP + linear head, "
-                          "else the layer pytorch-grad-cam targets for the family)")
     if int8 and calibration not in CALIBRATIONS:
         raise ExportError(f"unknown calibration {calibration!r}; choose from {', '.join(CALIBRATIONS)}")
     # After the checks above, so that a usage mistake leaves no new folder behind.
@@ -107,12 +106,13 @@ def export_model(
                 from_onnx, path, labels_path=labels, input_size_hw=tuple(input_size_hw) if input_size_hw else None,
                 mean=mean, std=std, bgr=bgr, features=features, log=log,
             )
-        elif arch in TORCH_FREE_ARCHES:
+        elif arch in TORCH_FREE_ARCHES and features is None:
             from .resnet_numpy import export_resnet
 
             export_resnet(arch, weights, path, opset=opset, labels_path=labels, log=log)
         else:
-            torchvision_exporter()(arch, weights, path, opset=opset, labels_path=labels, log=log)
+            more = {"features": features} if features is not None else {}
+            torchvision_exporter()(arch, weights, path, opset=opset, labels_path=labels, log=log, **more)
 
     if not (int8 or fp16):
         export_fp32(output)

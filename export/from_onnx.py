@@ -57,6 +57,8 @@ from .onnx_graph import (
     unique_name,
 )
 from .onnx_head import Head, InputTooSmall, find_head, op_of
+from .token_grid import TokenGrid, guess_grid
+from .token_grid import record as record_grid
 
 __all__ = ["RewriteReport", "rewrite_onnx_classifier"]
 
@@ -98,6 +100,7 @@ def rewrite_onnx_classifier(
     std: Sequence[float] | None = None,
     bgr: bool = False,
     features: str | None = None,
+    grid: TokenGrid | None = None,
     log: Callable[[str], None] = print,
 ) -> RewriteReport:
     """Rewrite an ONNX classifier into a contract file: with its linear head when the head is GAP + linear
@@ -113,6 +116,8 @@ def rewrite_onnx_classifier(
         bgr: the model takes BGR input (the ImageNet defaults are then given in BGR order).
         features: the tensor to explain (pytorch-grad-cam's target layer); None: the map before a GAP +
             linear head, else the last spatial map. Naming one always explains with in-graph gradients.
+        grid: how the ``features`` tensor, a token tensor, becomes a map (export/token_grid.py); None: a
+            [N, T, C] tensor is read as a square grid of patches after at most 8 leading tokens.
         log: where the human-readable summary lines go.
 
     Returns:
@@ -152,7 +157,7 @@ def rewrite_onnx_classifier(
     except ExportError:  # not GAP + linear: the gradient methods still explain it
         head = None
     if head is None:
-        return _rewrite_graph_head(model, original_bytes, path, shapes, features, image_input.name, tests,
+        return _rewrite_graph_head(model, original_bytes, path, shapes, (features, grid), image_input.name, tests,
                                    ModelInfo(labels=("?",), input_size_hw=size_hw, mean=mean_t, std=std_t,
                                              channel_order=order),
                                    labels_path, Path(output), src, log)
@@ -208,11 +213,20 @@ def rewrite_onnx_classifier(
 
 
 def _rewrite_graph_head(model: onnx.ModelProto, original_bytes: bytes, path: DataPath, shapes: Shapes,
-                        asked: str | None, input_name: str, tests: list[np.ndarray], base: ModelInfo,
-                        labels_path: str | None, output: Path, src: Path, log: Callable[[str], None]) -> RewriteReport:
+                        asked_grid: tuple[str | None, TokenGrid | None], input_name: str, tests: list[np.ndarray],
+                        base: ModelInfo, labels_path: str | None, output: Path, src: Path,
+                        log: Callable[[str], None]) -> RewriteReport:
     """A contract file without a linear head: ``features``, ``logits`` and their gradient (see graph_head.py)."""
-    features, logits = explained_tensors(path, shapes, asked, src)
-    model = with_gradient_head(model, features, logits, log, asked=asked is not None)
+    asked, grid = asked_grid
+    produced = frozenset(o for node in model.graph.node for o in node.output)
+    features, logits = explained_tensors(path, shapes, asked, src, produced)
+    token_shape = None
+    if asked is not None:  # a token tensor becomes a map inside the graph
+        token_shape = (shapes.get(features) or tensor_shapes(model, [(features, None)], input_name, tests[0],
+                                                            src)[features])[0]
+        grid = grid or guess_grid(token_shape)
+    model = with_gradient_head(model, features, logits, log, asked=asked is not None, grid=grid,
+                               token_shape=token_shape)
     original = _tensor_values(original_bytes, logits, input_name, tests, src)
     num_classes = int(original[0].shape[-1])
     try:
@@ -221,6 +235,8 @@ def _rewrite_graph_head(model: onnx.ModelProto, original_bytes: bytes, path: Dat
     except CamError as exc:
         raise ExportError(str(exc)) from None
     write_contract(model, info, None, None)
+    if grid is not None:
+        record_grid(model, features, grid)
     session = cpu_session(model.SerializeToString(), src.name)
     diff = 0.0
     for x, want in zip(tests, original, strict=True):

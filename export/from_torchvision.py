@@ -23,7 +23,7 @@ from realtime_cam.errors import ExportError
 
 from .checks import check_contract_file, replace_atomically
 from .hub import fetch, is_weights_file
-from .torchvision_graph import NOT_YET, export_graph_head, graph_family_of, torch_to_onnx
+from .torchvision_graph import export_graph_head, graph_family_of, torch_to_onnx
 
 
 class TwoOutputs(nn.Module):
@@ -157,9 +157,6 @@ class ExportReport:
 def _check_arch(arch: str) -> None:
     if family_of(arch) is not None or graph_family_of(arch) is not None:
         return
-    for prefix, why in NOT_YET.items():
-        if arch.startswith(prefix):
-            raise ExportError(f"{arch}: not yet: {why}")
     if arch in torchvision.models.list_models(module=torchvision.models):
         raise ExportError(f"{arch}: not a family this exporter knows; supported: {', '.join(supported_arches())}")
     raise ExportError(f"torchvision has no classification model {arch!r}")
@@ -195,6 +192,16 @@ def _head_classes(state: dict, arch: str) -> int | None:
     return int(state[candidates[-1]].shape[0]) if candidates else None
 
 
+def _no_zero_layers(model: nn.Module, log: Callable[[str], None]) -> None:
+    """Draw the linear layers torchvision starts at zero (ViT's head) from N(0, 0.02^2): with a zero head no
+    class score depends on the image, and every gradient map would be zero."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not module.weight.any():
+            with torch.no_grad():
+                nn.init.normal_(module.weight, std=0.02)
+            log(f"{name}: torchvision starts it at zero; drawn from N(0, 0.02^2) so that the maps are not all zero")
+
+
 def build_model(arch: str, weights: str, log: Callable[[str], None] = print) -> tuple[nn.Module, ModelInfo]:
     """A torchvision network with the asked-for weights, in eval mode, and what the contract needs about it.
 
@@ -210,6 +217,7 @@ def build_model(arch: str, weights: str, log: Callable[[str], None] = print) -> 
             torch.manual_seed(0)  # the same 'random' network every time, so two exports can be compared
             kwargs = {"init_weights": True} if arch.startswith(("googlenet", "inception_v3")) else {}
             model = torchvision.models.get_model(arch, weights=None, **kwargs).eval()
+            _no_zero_layers(model, log)
         return model, ModelInfo(labels=default_labels(1000), input_size_hw=size,
                                 source=f"torchvision {arch}, random weights (seed 0)", random_weights=True)
     if is_weights_file(weights):
@@ -258,15 +266,18 @@ def export_torchvision(
     opset: int = 18,
     labels_path: str | None = None,
     log: Callable[[str], None] = print,
+    features: str | None = None,
 ) -> ExportReport:
     """Export ``arch`` to one self-contained contract file and check it against PyTorch.
+
+    ``features`` names the layer to explain (export/target_layers.py); the file then has a graph head.
 
     Raises:
         ExportError: weights that cannot be had or loaded, an unsupported head, or a failed check.
     """
     model, info = build_model(arch, weights, log=log)
-    if family_of(arch) is None:  # not GAP + linear: explained at its target layer with in-graph gradients
-        done = export_graph_head(model, info, arch, Path(output), opset, labels_path, log)
+    if family_of(arch) is None or features is not None:  # explained at a target layer with in-graph gradients
+        done = export_graph_head(model, info, arch, Path(output), opset, labels_path, log, features=features)
         return ExportReport(path=Path(output), arch=arch, weights=info.source, num_classes=done.num_classes,
                             feature_shape=done.feature_shape, max_abs_diff_logits=done.max_abs_diff_logits,
                             max_abs_diff_features=done.max_abs_diff_features, max_abs_diff_grads=done.max_abs_diff_grads)

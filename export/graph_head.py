@@ -20,19 +20,22 @@ from realtime_cam.errors import ExportError
 
 from .head_grad import CLASS_OUTPUT, GRADS_OUTPUT, TARGET_INPUT, add_gradient_output
 from .onnx_graph import DataPath, Shapes, prune, rename_tensor, tensor_names, unique_name
+from .token_grid import TokenGrid, regrid
 
 _SOFTMAX = ("Softmax", "LogSoftmax")
 
 
-def explained_tensors(path: DataPath, shapes: Shapes, asked: str | None, src: Path) -> tuple[str, str]:
-    """(features, logits) for a graph head: the asked tensor or the last 4-D map with more than one position,
-    and the output (the input of a final Softmax, whose gradient would explain probabilities instead)."""
+def explained_tensors(path: DataPath, shapes: Shapes, asked: str | None, src: Path,
+                      produced: frozenset[str] = frozenset()) -> tuple[str, str]:
+    """(features, logits) for a graph head: the asked tensor (on the data path, or any of ``produced``: a
+    block's inner tensor, off the residual path) or the last 4-D map with more than one position, and the
+    output (the input of a final Softmax, whose gradient would explain probabilities instead)."""
     logits = path[0][0]
     producer = path[0][1]
     if producer is not None and producer.op_type in _SOFTMAX and producer.input:
         logits = producer.input[0]
     if asked is not None:
-        if asked not in shapes and asked not in {t for t, _ in path}:
+        if asked not in shapes and asked not in {t for t, _ in path} and asked not in produced:
             known = any(asked in node.output for _, node in path if node is not None)
             if not known:
                 raise ExportError(f"--features {asked}: no tensor of that name on the path from {src.name}'s "
@@ -47,13 +50,18 @@ def explained_tensors(path: DataPath, shapes: Shapes, asked: str | None, src: Pa
 
 
 def with_gradient_head(model: onnx.ModelProto, features: str, logits: str, log: Callable[[str], None],
-                       asked: bool = False) -> onnx.ModelProto:
+                       asked: bool = False, grid: TokenGrid | None = None,
+                       token_shape: tuple | None = None) -> onnx.ModelProto:
     """The model with the contract's outputs for a graph head: ``logits``, ``features``, ``grads``,
     ``grads_class``, and the input ``target_class`` defaulting to -1 (each frame's top-1), so that a run that
-    feeds only the image works."""
+    feeds only the image works. With ``grid``, ``features`` is a token tensor (of static ``token_shape``):
+    the gradient is taken w.r.t. it and both are made into maps [N, C, h, w] (export/token_grid.py)."""
     model, features, logits = _free_contract_names(model, features, logits)
     _require_float(model, features)
     model = add_gradient_output(model, features, logits)
+    tokens = features
+    if grid is not None:
+        features = regrid(model, features, grid, token_shape)
     graph = model.graph
     names = {GRADS_OUTPUT: GRADS, CLASS_OUTPUT: GRADS_CLASS, TARGET_INPUT: TARGET_CLASS}
     if any(a != b for a, b in names.items()):  # the contract's names are the head builder's
@@ -71,7 +79,10 @@ def with_gradient_head(model: onnx.ModelProto, features: str, logits: str, log: 
     graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), TARGET_CLASS))
     prune(graph)
     why = "as asked" if asked else "the head is not global average pooling + one linear layer"
-    log(f"'{features}' explained with the gradient of the class score computed inside the graph ({why}): "
+    if grid is not None:
+        log(f"'{tokens}' is {grid.describe(token_shape)} inside the graph; its gradient flows back through "
+            "every op between it and the logits")
+    log(f"'{tokens}' explained with the gradient of the class score computed inside the graph ({why}): "
         "gradcam, gradcam++, xgradcam, layercam, hirescam and eigencam; no cam")
     return model
 

@@ -1,5 +1,8 @@
 """torchvision classifiers whose head is not GAP + linear, explained at pytorch-grad-cam's target layer.
 
+Token models (ViT, Swin) are explained at a token tensor made into a map inside the graph, as
+pytorch-grad-cam's ``reshape_transform`` does (export/token_grid.py).
+
 The network is exported whole with torch.onnx, with the target layer's output as a second graph output (so
 its tensor has a known name), and handed to :func:`rewrite_onnx_classifier`, which builds the gradient of
 the class score w.r.t. that tensor inside the graph (export/graph_head.py). The written file is then checked
@@ -24,6 +27,9 @@ from realtime_cam.contract import FEATURES, GRADS, GRADS_CLASS, LOGITS, ModelInf
 from realtime_cam.errors import ExportError
 
 from .checks import cpu_session, float_tolerance, replace_atomically
+from .target_layers import resolve_layer
+from .token_grid import TokenGrid, guess_grid
+from .token_grid import record as record_grid
 
 TARGET_OUTPUT = "target_layer"
 
@@ -36,11 +42,13 @@ class TargetLayer:
         module: the target layer in torchvision's module; its output is the explained map.
         grad_cam: the same layer as pytorch-grad-cam users name it (``target_layers=[...]``).
         head: what follows the layer, i.e. why CAM itself is not defined for the family.
+        grid: how the layer's output, a token tensor, becomes the map [N, C, h, w]; None: it is one.
     """
 
     module: Callable[[nn.Module], nn.Module]
     grad_cam: str
     head: str
+    grid: TokenGrid | None = None
 
 
 # Family prefix -> its target layer: the last block of `features`, the layer pytorch-grad-cam's README and
@@ -56,13 +64,18 @@ GRAPH_FAMILIES: dict[str, TargetLayer] = {
                               "a 1x1-conv classifier and a ReLU before the pooling"),
     "convnext": TargetLayer(lambda m: m.features[-1], "model.features[-1]",
                             "a LayerNorm between the pooling and the linear layer"),
-}
-
-# Token models: their last spatial tensor is a token grid, which this exporter does not reshape yet.
-NOT_YET: dict[str, str] = {
-    "vit_": "a Vision Transformer's map is its token grid (class token dropped), not exported yet",
-    "swin_": "a Swin Transformer's map is a channels-last token grid, not exported yet",
-    "maxvit": "MaxViT's map is the output of attention blocks with an MLP head, not exported yet",
+    # Token models, at the layers of pytorch-grad-cam's tutorial: the input of the last block's attention.
+    # ViT: tokens [N, 1 + h*w, C]; the head reads the class token after that block's attention and MLP.
+    "vit_": TargetLayer(lambda m: m.encoder.layers[-1].ln_1, "model.encoder.layers[-1].ln_1",
+                        "the last encoder block (self-attention, MLP) and a linear layer on the class token",
+                        TokenGrid("tokens", extra=1)),
+    # Swin (v1 and v2): [N, h, w, C] channels last; the block's window attention and MLP, a LayerNorm, pooling.
+    "swin_": TargetLayer(lambda m: m.features[-1][-1].norm1, "model.features[-1][-1].norm1",
+                         "the last block's window attention and MLP, a LayerNorm, pooling and a linear layer",
+                         TokenGrid("nhwc")),
+    # MaxViT: the last MaxViT block's output (MBConv, block and grid attention), already [N, C, h, w].
+    "maxvit": TargetLayer(lambda m: m.blocks[-1].layers[-1], "model.blocks[-1].layers[-1]",
+                          "pooling, a LayerNorm and an MLP head (Linear-Tanh-Linear)"),
 }
 
 
@@ -116,8 +129,9 @@ class GraphExport:
 
 
 def export_graph_head(model: nn.Module, info: ModelInfo, arch: str, output: Path, opset: int,
-                      labels_path: str | None, log: Callable[[str], None]) -> GraphExport:
-    """Write ``model`` as a "graph" contract file explaining its family's target layer; check it against PyTorch.
+                      labels_path: str | None, log: Callable[[str], None], features: str | None = None) -> GraphExport:
+    """Write ``model`` as a "graph" contract file explaining its family's target layer (or the layer
+    ``features`` names, see export/target_layers.py); check it against PyTorch.
 
     Args:
         info: what the file's metadata says (its labels are kept when ``labels_path`` is None and they fit).
@@ -125,16 +139,24 @@ def export_graph_head(model: nn.Module, info: ModelInfo, arch: str, output: Path
     """
     from .from_onnx import rewrite_onnx_classifier
 
-    layer = GRAPH_FAMILIES[graph_family_of(arch)]
+    family = graph_family_of(arch)
+    layer = GRAPH_FAMILIES[family] if features is None else asked_layer(model, arch, features)
     wrapper = WithTarget(model, layer.module(model)).eval()
     h, w = info.input_size_hw
     x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits_ref, target_ref = wrapper(x)
-    if target_ref.ndim != 4:
-        raise ExportError(f"{arch}: the output of {layer.grad_cam} is {list(target_ref.shape)}, not [N, C, h, w]")
-    log(f"{arch}: {layer.head}, so CAM is not defined; explaining {layer.grad_cam} (pytorch-grad-cam's target "
-        "layer) with in-graph gradients")
+    if features is not None:
+        layer = dataclasses.replace(layer, grid=_grid_of(target_ref, layer.module(model), family))
+    if not isinstance(target_ref, torch.Tensor) or (target_ref.ndim != 4 and layer.grid is None):
+        shape = list(target_ref.shape) if isinstance(target_ref, torch.Tensor) else type(target_ref).__name__
+        raise ExportError(f"{arch}: the output of {layer.grad_cam} is {shape}, not a map [N, C, h, w] nor tokens "
+                          "[N, T, C]; name another layer with --features")
+    if features is None:
+        log(f"{arch}: {layer.head} follow, so CAM is not defined; explaining {layer.grad_cam} (pytorch-grad-cam's "
+            "target layer) with in-graph gradients")
+    else:
+        log(f"{arch}: explaining {layer.grad_cam} (--features) with in-graph gradients")
     proto = torch_to_onnx(wrapper, x, [LOGITS, TARGET_OUTPUT], opset, arch)
     del proto.graph.output[1:]  # the target tensor keeps its name inside the graph; rewrite names it features
     output = Path(output)
@@ -143,26 +165,59 @@ def export_graph_head(model: nn.Module, info: ModelInfo, arch: str, output: Path
         onnx.save(proto, str(exported))
         del proto
         report = rewrite_onnx_classifier(exported, rewritten, labels_path=labels_path, input_size_hw=(h, w),
-                                         mean=info.mean, std=info.std, features=TARGET_OUTPUT, log=log)
+                                         mean=info.mean, std=info.std, features=TARGET_OUTPUT, grid=layer.grid,
+                                         log=log)
         contract = onnx.load(str(rewritten))
     names = read_contract(contract)[0].labels  # labels_path's, else the defaults for the class count
     if labels_path is None and len(info.labels) == report.num_classes:
         names = info.labels  # e.g. the categories of torchvision's weights
     write_contract(contract, dataclasses.replace(info, labels=names, source=f"{info.source}; explained at "
                                                  f"{layer.grad_cam} with in-graph gradients"), None, None)
+    if layer.grid is not None:
+        record_grid(contract, layer.grad_cam, layer.grid)
 
     def verify(path: Path) -> tuple[float, float, float]:
         onnx.checker.check_model(str(path))
-        return _check_against_pytorch(path, wrapper, x, logits_ref, target_ref)
+        return _check_against_pytorch(path, wrapper, x, logits_ref, target_ref, layer.grid)
 
     diffs = replace_atomically(contract, output, verify)
     log("ONNX Runtime vs PyTorch: max |logits diff| {:.3g}, max |features diff| {:.3g}, max |grads diff| {:.3g} "
         "(autograd)".format(*diffs))
-    return GraphExport(report.num_classes, tuple(target_ref.shape[1:]), *diffs)
+    return GraphExport(report.num_classes, report.feature_shape_chw, *diffs)
+
+
+def asked_layer(model: nn.Module, arch: str, features: str) -> TargetLayer:
+    """The layer ``--features`` names, as a target layer (its grid is set once its output is seen)."""
+    module, name = resolve_layer(model, features, arch)
+    return TargetLayer(lambda m: module, f"model.{name}", "the rest of the network")
+
+
+def _grid_of(out: torch.Tensor, module: nn.Module, family: str | None) -> TokenGrid | None:
+    """How the output of an asked layer becomes a map: [N, T, C] tokens as a square grid after at most 8
+    leading tokens; 4-D channels-last in a family whose blocks work on [N, h, w, C] (Swin), except a conv's."""
+    if not isinstance(out, torch.Tensor):
+        return None
+    if out.ndim == 3:
+        return guess_grid(tuple(out.shape))
+    default = GRAPH_FAMILIES[family].grid if family is not None else None
+    if out.ndim == 4 and default is not None and default.layout == "nhwc" and not isinstance(module, nn.Conv2d):
+        return default
+    return None
+
+
+def to_map(t: torch.Tensor, grid: TokenGrid | None) -> torch.Tensor:
+    """The map [N, C, h, w] of a token tensor, in PyTorch (what the graph computes; pytorch-grad-cam's
+    reshape_transform for ViT and Swin)."""
+    if grid is None:
+        return t
+    if grid.layout == "tokens":
+        c, h, w = grid.map_shape(tuple(t.shape), "")
+        t = t[:, grid.extra:, :].reshape(t.shape[0], h, w, c)
+    return t.permute(0, 3, 1, 2)
 
 
 def _check_against_pytorch(path: Path, wrapper: WithTarget, x: torch.Tensor, logits_ref: torch.Tensor,
-                           target_ref: torch.Tensor) -> tuple[float, float, float]:
+                           target_ref: torch.Tensor, grid: TokenGrid | None) -> tuple[float, float, float]:
     """Max |diff| of logits, features and grads between the file and PyTorch (autograd, same class per row)."""
     session = cpu_session(path, "the exported model")
     logits, features, grads, grads_class = session.run([LOGITS, FEATURES, GRADS, GRADS_CLASS], {"input": x.numpy()})
@@ -170,6 +225,7 @@ def _check_against_pytorch(path: Path, wrapper: WithTarget, x: torch.Tensor, log
         out, target = wrapper(x)
         chosen = out.gather(1, torch.from_numpy(grads_class.astype(np.int64)).view(-1, 1)).sum()
         (grads_ref,) = torch.autograd.grad(chosen, target)
+    target_ref, grads_ref = to_map(target_ref, grid), to_map(grads_ref, grid)
     diff_logits = float(np.abs(logits - logits_ref.numpy()).max())
     diff_features = float(np.abs(features - target_ref.numpy()).max())
     grads_ref = grads_ref.numpy()

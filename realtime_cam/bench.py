@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import __version__
+from . import __version__, grad_bench
 from .codec_bench import bench_codecs, format_codecs
 from .contract import FEATURES, LOGITS
 from .errors import CamError, DeviceError
@@ -64,6 +64,7 @@ class BenchConfig:
     warmup: int = 20
     seed_baseline: bool = True
     batch: int = DEFAULT_BATCH
+    grad_reference: str | None = None  # a torchvision arch: time pytorch-grad-cam's GradCAM on it (grad_bench.py)
 
 
 def synthetic_video(path: Path, frames: int = 120, size_wh: tuple[int, int] = (640, 360)) -> Path:
@@ -441,6 +442,9 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict:
                 row["pipeline"] = bench_pipeline_memory(model, frames, config.warmup, options)
                 log(f"[{device}] {name}: loop on frames in memory with each map method")
                 row["methods"] = bench_methods(model, frames, config.warmup, options)
+                row["gradient_cost"] = grad_bench.gradient_cost(model, frames, config.warmup)
+                if config.grad_reference:
+                    row["gradcam_loop"] = grad_bench.gradcam_loop(model, frames, config.warmup, options)
                 log(f"[{device}] {name}: file to file")
                 row["file_to_file"] = bench_file_to_file(model, source, config.frames, tmp_dir, options)
                 log(f"[{device}] {name}: video files: decode, encode and file to file by codec")
@@ -476,6 +480,10 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict:
                     report.setdefault("seed_baseline_left_out", {})[device] = why
                     if config.seed_baseline:
                         log(f"[{device}] seed approach left out: {why}")
+            if ran is not None and config.grad_reference:
+                log(f"[{device}] pytorch-grad-cam GradCAM loop on {config.grad_reference}")
+                report.setdefault("grad_reference", {})[device] = grad_bench.grad_reference(
+                    config.grad_reference, ran, frames, device, config.warmup)
             reference = None
         for row in report["results"]:
             seed = report.get("seed_baseline", {}).get(row["device"])
@@ -538,7 +546,7 @@ def format_table(report: dict) -> str:
                 + (f"{resident['fps']:.1f} FPS, plain calls in turn with them {resident['plain_fps']:.1f} "
                    f"({r['ratios']['inference_vs_resident']:.2f} of it)"
                    if "fps" in resident else f"did not run: {resident['error']}"))
-    return "\n".join(lines + ["", "per stage:"] + stage_lines)
+    return "\n".join(lines + ["", "per stage:"] + stage_lines + grad_bench.table_lines(report))
 
 
 def plot_report(report: dict, path: Path) -> None:

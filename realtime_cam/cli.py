@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--streams", type=stream_counts, default=None, metavar="N,N,...",
                        help="instead: explain N live streams at once for each N (1,2,4,8): total frames per second "
                             "and each stream's capture-to-overlay latency")
+    bench.add_argument("--grad-reference", default=None, metavar="ARCH",
+                       help="also time pytorch-grad-cam's GradCAM loop on torchvision's ARCH (the network the "
+                            "model was exported from; random weights: speed does not depend on them)")
 
     _add_evaluate_parser(sub)
     add_serve_parser(sub, run, fmt)
@@ -199,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--from-onnx: per-channel std on the 0..1 scale (default ImageNet's)")
     export.add_argument("--bgr", action="store_true", help="--from-onnx: the model takes BGR channel order")
     export.add_argument("--features", default=None, metavar="TENSOR",
-                        help="--from-onnx: the tensor to explain, as pytorch-grad-cam's target layer (default: the "
-                             "map before a GAP + linear head, else the last spatial map); explained with gradients "
-                             "computed inside the graph")
+                        help="the tensor (--from-onnx) or layer (--arch, e.g. features[-2] or layer3: pytorch-grad-cam's "
+                             "target layer) to explain (default: the map before a GAP + linear head, else the "
+                             "family's target layer or the last spatial map); explained with gradients computed "
+                             "inside the graph")
     precision = export.add_mutually_exclusive_group()
     precision.add_argument("--int8", action="store_true",
                            help="write a static int8 model for the CPU (QDQ, per-channel weights, head kept fp32); "
@@ -443,8 +447,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for path in models:
         if not path.exists():
             raise CamError(f"model file not found: {path} (make one with `realtime-cam export`)")
+    if args.grad_reference:
+        from .grad_bench import check_reference
+        check_reference(args.grad_reference)
     config = BenchConfig(models=models, source=args.source, devices=args.device, frames=args.frames,
-                         warmup=args.warmup, seed_baseline=not args.no_seed, batch=args.batch)
+                         warmup=args.warmup, seed_baseline=not args.no_seed, batch=args.batch,
+                         grad_reference=args.grad_reference)
     report = run_bench(config, log=log.info)
     print(format_table(report))
     if args.json is not None:

@@ -149,11 +149,3 @@ def test_inception_v3_exports_at_299_with_its_linear_head(tmp_path):
     mine = normalize_map(cv2.resize(prediction.cam, (299, 299), interpolation=cv2.INTER_LINEAR))
     r = float(np.corrcoef(mine.ravel(), expected.ravel())[0, 1])
     assert expected.std() > 0 and r >= 0.99, r
-
-
-@pytest.mark.parametrize("arch", ["vit_b_16", "swin_t", "maxvit_t"])
-def test_token_models_are_refused_as_not_yet_done(arch, tmp_path, capsys):
-    assert main(["export", "--arch", arch, "--weights", "none", "--output", str(tmp_path / "x.onnx")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"realtime-cam: error: {arch}: not yet: ") and len(err) == 1
-    assert not (tmp_path / "x.onnx").exists()
