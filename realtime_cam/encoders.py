@@ -63,12 +63,14 @@ class VideoSettings:
         crf: its quality setting (lower is better and larger; None: the encoder's default here).
         hardware: use the GPU's encoder (NVENC) when it opens (``--device cuda``).
         audio_from: a file whose first audio stream is copied into the output, when the container can hold it.
+        announce: say which encoder writes the file (off for a collection's files after its first).
     """
 
     codec: str | None = None
     crf: int | None = None
     hardware: bool = False
     audio_from: str | None = None
+    announce: bool = True
 
 
 def check_codec(name: str) -> str:
@@ -182,11 +184,11 @@ class PyAvEncoder:
         except (av.FFmpegError, OSError) as exc:
             self.abort()
             raise SinkError(f"cannot write {name}: {getattr(exc, 'strerror', None) or exc}") from None
-        padded = "" if self.padded_wh == size_wh else (
-            f"; {w}x{h} padded to {self.padded_wh[0]}x{self.padded_wh[1]} with black ({self.pixel_format} needs "
-            "even sides; nothing is cropped)")
-        log.info("writing %s with %s (%s%s)%s", name, codec, self.pixel_format,
-                 f", the source's {self._audio.codec} audio copied" if self._audio else "", padded)
+        log.log(logging.INFO if settings.announce else logging.DEBUG, "writing %s with %s (%s%s)", name, codec,
+                self.pixel_format, f", the source's {self._audio.codec} audio copied" if self._audio else "")
+        if self.padded_wh != size_wh:
+            log.info("%s: %dx%d padded to %dx%d with black (%s needs even sides; nothing is cropped)", name, w, h,
+                     *self.padded_wh, self.pixel_format)
 
     def write(self, image_bgr: np.ndarray, time_s: float) -> None:
         import av

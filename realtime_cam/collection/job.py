@@ -129,6 +129,7 @@ class FileWorker:
 
         self.options = options
         self.model = model if model is not None else CamModel(options.model, options.device, options.threads)
+        self._encoder_said = False  # which encoder writes the videos is said for the first one only
 
     def __call__(self, item: Item, on_frames: Callable[[int], None] | None = None) -> dict:
         """Explain one file unless its results are complete (and not --overwrite); its summary row.
@@ -184,7 +185,9 @@ class FileWorker:
                 record_fps=source.fps or 30.0, batch=o.batch,
             )
             settings = VideoSettings(codec=o.codec, crf=o.crf, hardware=self.model.provider == CUDA,
-                                     audio_from=item.path if source.kind == "video" else None)
+                                     audio_from=item.path if source.kind == "video" else None,
+                                     announce=not self._encoder_said)
+            self._encoder_said = self._encoder_said or source.kind == "video"
             with open_file_sink(overlay, source.fps, source.size_wh, source.kind, False, settings) as sink:
                 try:
                     result = run_loop(self.model, source, sinks=[sink], options=options, observe=observe)
