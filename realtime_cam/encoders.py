@@ -131,8 +131,9 @@ class PyAvEncoder:
         muxer, default_codec = CONTAINERS[suffix]
         name = name or str(path)
         codec = settings.codec or default_codec
-        if settings.hardware and codec in HARDWARE_ENCODERS:
-            why_not = _why_not_opens(HARDWARE_ENCODERS[codec], size_wh, 1 / _rate(fps))
+        if settings.hardware and settings.codec is None and codec in HARDWARE_ENCODERS:  # a named codec is kept
+            w, h = size_wh
+            why_not = _why_not_opens(HARDWARE_ENCODERS[codec], (w + w % 2, h + h % 2), 1 / _rate(fps))
             if why_not is None:
                 codec = HARDWARE_ENCODERS[codec]
             else:
@@ -176,6 +177,7 @@ class PyAvEncoder:
         self._stream = stream
         self._converter = av.video.reformatter.VideoReformatter()
         self._last_pts: int | None = None
+        self._origin: float | None = None  # the first frame's time: kept when audio is copied (in step with it)
         self._audio = _AudioCopy.open(settings.audio_from, self._container, muxer, suffix, name)
         try:
             # FFmpeg opens the file (by name) and writes the header now: from here on it writes the file this
@@ -204,13 +206,15 @@ class PyAvEncoder:
         else:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image_bgr), format="bgr24")
             frame = self._converter.reformat(frame, format=self.pixel_format, interpolation=CONVERSION)
-        pts = round(time_s / self.time_base)
+        if self._origin is None:
+            self._origin = 0.0 if self._audio else time_s
+        if self._audio:
+            self._audio.copy_until(time_s)
+        pts = round((time_s - self._origin) / self.time_base)
         if self._last_pts is not None and pts <= self._last_pts:
             pts = self._last_pts + 1
         frame.pts, frame.time_base = pts, self.time_base
         self._last_pts = pts
-        if self._audio:
-            self._audio.copy_until(time_s)
         for packet in self._stream.encode(frame):
             self._container.mux(packet)
 
@@ -220,7 +224,7 @@ class PyAvEncoder:
         try:
             for packet in self._stream.encode(None):
                 self._container.mux(packet)
-            if self._audio and self._last_pts is not None:
+            if self._audio and self._last_pts is not None:  # (with audio, the origin is 0)
                 self._audio.copy_until(float(self._last_pts * self.time_base) + 1.0 / self.fps)
         finally:
             try:
@@ -242,9 +246,11 @@ class PyAvEncoder:
 class _AudioCopy:
     """The source's first audio stream, copied packet by packet into the output as its video is written."""
 
-    def __init__(self, source, in_stream, out_stream) -> None:
+    def __init__(self, source, in_stream, out_stream, codec: str, name: str) -> None:
         self._source, self._in, self._out = source, in_stream, out_stream
-        self.codec = in_stream.codec_context.name
+        self.codec, self._name = codec, name
+        self._last_dts: int | None = None
+        self._stopped = False
         start = source.start_time
         self._start_ticks = round((start / 1_000_000 if start is not None else 0.0) / in_stream.time_base)
         self._packets = source.demux(in_stream)
@@ -264,15 +270,36 @@ class _AudioCopy:
             source.close()
             return None
         in_stream = source.streams.audio[0]
+        codec = getattr(in_stream.codec_context, "name", None) or "of a codec FFmpeg cannot decode"
         if not _container_takes(muxer, in_stream):
             log.info("%s: the source's audio (%s) is not copied: a %s file cannot hold it without re-encoding "
-                     "(.mkv holds any)", name, in_stream.codec_context.name, suffix)
+                     "(.mkv holds any)", name, codec, suffix)
             source.close()
             return None
-        return cls(source, in_stream, container.add_stream_from_template(in_stream))
+        try:
+            out_stream = container.add_stream_from_template(in_stream)
+        except (av.FFmpegError, ValueError, AttributeError) as exc:
+            log.info("%s: the source's audio (%s) is not copied (%s)", name, codec, exc)
+            source.close()
+            return None
+        return cls(source, in_stream, out_stream, codec, name)
 
     def copy_until(self, time_s: float) -> None:
-        """Mux the audio packets that start before ``time_s`` (seconds from the source's start)."""
+        """Mux the audio packets that start before ``time_s`` (seconds from the source's start). A source whose
+        audio cannot be copied on (a damaged stream, timestamps that jump back) stops the audio, said once;
+        the video goes on."""
+        import av
+
+        if self._stopped:
+            return
+        try:
+            self._copy_until(time_s)
+        except av.FFmpegError as exc:
+            self._stopped = True
+            log.warning("%s: copying the source's audio stopped at %.2f s (%s); the video goes on", self._name,
+                        time_s, getattr(exc, "strerror", None) or exc)
+
+    def _copy_until(self, time_s: float) -> None:
         while True:
             packet = self._pending if self._pending is not None else next(self._packets, None)
             self._pending = None
@@ -283,6 +310,9 @@ class _AudioCopy:
             if packet.pts is not None and float((packet.pts - self._start_ticks) * self._in.time_base) >= time_s:
                 self._pending = packet
                 return
+            if self._last_dts is not None and packet.dts <= self._last_dts:
+                continue  # a timestamp that goes back (joined files): the muxer would refuse the whole file
+            self._last_dts = packet.dts
             if packet.pts is not None:
                 packet.pts -= self._start_ticks
             packet.dts -= self._start_ticks

@@ -218,6 +218,8 @@ class VideoFileSink(Sink):
             self._closed = True
         if not self.frames_written:
             self._partial.discard()
+            if self._error is not None:  # nothing was written: nothing is left
+                raise SinkError(f"writing {self.path} failed: {_reason(self._error)}")
         elif self._error is None:
             self._finalise()
         if self._error is not None:
@@ -249,8 +251,10 @@ class VideoFileSink(Sink):
 
 def _reason(exc: BaseException) -> str:
     """An error's reason without the temporary path FFmpeg's errors repeat."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"[Errno {exc.errno}] {exc.strerror}" if exc.errno else exc.strerror
+    strerror = getattr(exc, "strerror", None)
+    if strerror:
+        errno = getattr(exc, "errno", None)
+        return f"[Errno {errno}] {strerror}" if isinstance(exc, OSError) and errno else str(strerror)
     return str(exc)
 
 

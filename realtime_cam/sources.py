@@ -232,16 +232,22 @@ class CaptureSource(FrameSource):
             # dropout, it was reopened and played again without end).
             self.live, self.kind = False, "video"
         self._claimed_count = count if count and not self.live else None
-        self._counter = count_frames() if count_frames is not None and not self.live else None
+        self._count_frames = count_frames if not self.live else None
+        self._counter = None  # started when the count is first asked for (the progress bar)
         self._buffer = FrameBuffer("latest" if self.live else "queue")
         self.decode_ms: collections.deque[float] = collections.deque(maxlen=10_000)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _counted(self) -> int | None:
+        if self._counter is None and getattr(self, "_count_frames", None) is not None:
+            self._counter = self._count_frames()  # the first ask starts the count in the background
+        return self._counter.count if self._counter is not None else None
+
     @property
     def frame_count(self) -> int | None:
         """The frames the file holds once counted, else the container's claim (see ``frame_count_exact``)."""
-        counted = self._counter.count if self._counter is not None else None
+        counted = self._counted()
         return counted if counted is not None else self._claimed_count
 
     @frame_count.setter
@@ -250,7 +256,7 @@ class CaptureSource(FrameSource):
 
     @property
     def frame_count_exact(self) -> bool:
-        return self._counter is not None and self._counter.count is not None
+        return self._counted() is not None
 
     def _open_first(self) -> tuple[object, tuple[np.ndarray, float | None]]:
         """Open the reader and read its first frame: fail fast, a source that opens but yields nothing is an
@@ -341,6 +347,8 @@ class CaptureSource(FrameSource):
     def close(self) -> None:
         self._stop.set()
         self._buffer.close()
+        if self._counter is not None:
+            self._counter.stop()
         if self._thread is None:
             self._reader.release()  # never started: the capture is still ours to release
             return

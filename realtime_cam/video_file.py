@@ -9,14 +9,18 @@ over HTTP as they need.
 
 from __future__ import annotations
 
+import logging
 import threading
 from fractions import Fraction
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from .errors import SourceError
 from .threads import few_cores
+
+log = logging.getLogger("realtime_cam")
 
 # Containers whose frames carry no presentation time of their own: FFmpeg labels their frames with the
 # packets' guesses, which B-frames put out of order (vtest.avi's frames come as 0.04, 0.12, 0.16, 0.2, 0.24,
@@ -27,6 +31,23 @@ NO_PRESENTATION_TIMES = {"avi"}
 # time of PyAV's default (bicubic with accurate rounding: 2.5 ms a 640x360 frame). One converter is kept per
 # file: ``frame.reformat`` sets up a new one for every frame (0.2 ms a frame kept, 0.4-1.1 ms anew).
 CONVERSION = "FAST_BILINEAR"
+
+
+# The display matrix's rotation (degrees counter-clockwise) -> the turn that shows the frame upright.
+ROTATIONS = {270: cv2.ROTATE_90_CLOCKWISE, 90: cv2.ROTATE_90_COUNTERCLOCKWISE, 180: cv2.ROTATE_180}
+
+
+def _frame_rate(stream, by_index: bool) -> float:
+    """The stream's rate: FFmpeg's average (a variable-frame-rate file's mean), or its guess when there is no
+    average; for AVI the lower of the two (a header can double one of them, as vtest.avi's does). 0 when
+    unknown."""
+    def ok(rate) -> float:
+        return float(rate) if rate and 0 < float(rate) < 1000 else 0.0
+
+    average, guessed = ok(stream.average_rate), ok(stream.guessed_rate)
+    if by_index and average and guessed:
+        return min(average, guessed)
+    return average or guessed
 
 
 def decode_threads() -> int:
@@ -65,19 +86,21 @@ class VideoFileReader:
             self._container.close()
             raise SourceError(f"{path} holds no video stream")
         stream = self._container.streams.video[0]
+        if stream.codec_context is None:  # PyAV's answer when FFmpeg has no decoder for it
+            name = getattr(getattr(stream, "codec", None), "name", None) or "its codec"
+            self._container.close()
+            raise SourceError(f"cannot open {path} as a video (FFmpeg has no decoder for {name})")
         stream.thread_type = "AUTO"
         stream.thread_count = decode_threads() if threads is None else threads
         self._stream = stream
-        rates = [float(r) for r in (stream.average_rate, stream.guessed_rate) if r and 0 < float(r) < 1000]
-        self.fps = min(rates) if rates else 0.0
+        self._by_index = self._container.format.name in NO_PRESENTATION_TIMES
+        self.fps = _frame_rate(stream, self._by_index)
         self.frame_count = stream.frames or None
-        self.size_wh = (stream.codec_context.width, stream.codec_context.height)
         # Times are counted from the container's start, as its audio is (so that a copied audio track stays
         # in step with the video).
         start = self._container.start_time
         self._start_s = start / 1_000_000 if start is not None else 0.0
         self._time_base = stream.time_base or Fraction(1, 1)
-        self._by_index = self._container.format.name in NO_PRESENTATION_TIMES
         self._frames = self._decode()
         self._converter = av.video.reformatter.VideoReformatter()
         self._index = 0
@@ -88,6 +111,8 @@ class VideoFileReader:
 
         try:
             for packet in self._container.demux(self._stream):
+                if not packet.size:
+                    continue  # the demuxer's end marker (or an empty packet): the decoder is drained below
                 try:
                     frames = packet.decode()
                 except av.InvalidDataError:
@@ -96,6 +121,13 @@ class VideoFileReader:
                 yield from frames
         except av.FFmpegError:
             self.damaged += 1  # the demuxer cannot go further (a file cut short): its end
+        try:  # the frames the decoder still holds (reordering, its threads)
+            yield from self._stream.codec_context.decode(None)
+        except av.FFmpegError:
+            pass
+        if self.damaged:
+            log.warning("%s: %d damaged packet(s) skipped; the frames around them that decoded were explained",
+                        self.path, self.damaged)
 
     def read(self) -> tuple[np.ndarray, float | None] | None:
         """The next frame as BGR and its presentation time in seconds; None at the end of the file."""
@@ -103,6 +135,9 @@ class VideoFileReader:
         if frame is None:
             return None
         image = self._converter.reformat(frame, format="bgr24", interpolation=CONVERSION).to_ndarray()
+        turn = ROTATIONS.get(round(frame.rotation or 0) % 360)
+        if turn is not None:  # a phone's portrait video: shown upright, as players (and OpenCV) show it
+            image = cv2.rotate(image, turn)
         time_s = self._time_of(frame)
         self._index += 1
         return image, time_s
@@ -125,26 +160,33 @@ class VideoFileReader:
         self._container.close()
 
 
-def count_frames(path: str | Path) -> int | None:
+def count_frames(path: str | Path, stop: threading.Event | None = None) -> int | None:
     """The frames a video file holds, counted from its packets without decoding (a 8 MB file in 5 ms); None
-    when it cannot be read. Headers can be wrong: vtest.avi states 682 frames and holds 341."""
+    when it cannot be read, or when ``stop`` is set first. Headers can be wrong: vtest.avi states 682 frames and
+    holds 341."""
     import av
 
     try:
         with av.open(str(path), metadata_errors="ignore") as container:
             if not container.streams.video:
                 return None
-            stream = container.streams.video[0]
-            return sum(1 for packet in container.demux(stream) if packet.size)
+            count = 0
+            for packet in container.demux(container.streams.video[0]):
+                if stop is not None and stop.is_set():
+                    return None
+                count += bool(packet.size)
+            return count
     except (av.FFmpegError, OSError):
         return None
 
 
 class FrameCounter:
-    """:func:`count_frames` in a background thread; :attr:`count` is None until it is known."""
+    """:func:`count_frames` in a background thread; :attr:`count` is None until it is known. :meth:`stop`
+    ends it early (the source closed)."""
 
     def __init__(self, path: str | Path) -> None:
         self.count: int | None = None
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(path,), name="count-frames", daemon=True)
         self._thread.start()
 
@@ -152,4 +194,10 @@ class FrameCounter:
         from .threads import lower_this_threads_priority
 
         lower_this_threads_priority()
-        self.count = count_frames(path)
+        try:
+            self.count = count_frames(path, self._stop)
+        except Exception:  # noqa: BLE001 - a count is a nicety: without it the bar shows the header's claim
+            self.count = None
+
+    def stop(self) -> None:
+        self._stop.set()

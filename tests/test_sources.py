@@ -73,8 +73,9 @@ def test_video_file_yields_every_decodable_frame_not_the_header_count():
         assert src.kind == "video" and not src.live
         assert src.size_wh == (1280, 720)
         assert src.fps == pytest.approx(25.0)  # its header says 50 (682 frames in 13.6 s): it plays at 25
+        assert src.frame_count == 682  # the header's claim: asking starts the count
         frames = list(src)
-        assert src.frame_count == 341 and src.frame_count_exact  # counted; the header claims 682
+        assert src.frame_count == 341 and src.frame_count_exact  # counted from the packets meanwhile
     assert [f.index for f in frames] == list(range(341))
     times = [f.time_s for f in frames]
     assert times[:3] == pytest.approx([0.0, 0.04, 0.08]) and times[-1] == pytest.approx(340 * 0.04)

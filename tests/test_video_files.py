@@ -245,3 +245,71 @@ def test_a_gpu_encoder_that_opens_is_the_one_used(tmp_path, monkeypatch):
     assert encoder.codec == "mpeg4"
     with av.open(str(tmp_path / "o.mp4")) as container:
         assert container.streams.video[0].codec_context.name == "mpeg4" and container.streams.video[0].frames == 3
+
+
+def _rotated(path, degrees_matrix):
+    """An MP4 with a display matrix in its track header, as a phone writes a portrait video: a red block at the
+    top-left of the coded frame."""
+    import struct
+
+    image = np.zeros((48, 64, 3), np.uint8)
+    image[:10, :20] = (0, 0, 255)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(3):
+            frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"tkhd")
+    version = data[at + 4]
+    offset = at + 8 + (32 if version == 1 else 20) + 16  # past the times, track id, duration, layer, volume
+    struct.pack_into(">9i", data, offset, *degrees_matrix)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_portrait_phone_video_is_explained_upright(tmp_path):
+    """A 90-degree display matrix (a phone held upright): frames come upright, as players and OpenCV's capture
+    show them, not sideways."""
+    from realtime_cam.sources import open_source
+
+    clip = _rotated(tmp_path / "portrait.mp4", [0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000])
+    opencv = cv2.VideoCapture(str(clip)).read()[1]
+    with open_source(str(clip)) as src:
+        frames = list(src)
+    assert src.size_wh == (48, 64) and frames[0].image_bgr.shape == (64, 48, 3) == opencv.shape
+    assert np.abs(frames[0].image_bgr.astype(int) - opencv).mean() < 2
+
+
+def test_audio_whose_timestamps_go_back_does_not_cost_the_video(tiny_onnx, tmp_path):
+    """Two recordings joined byte for byte (cat a.ts b.ts): the audio's timestamps start again halfway. The
+    packets that go back are dropped; the video keeps every frame."""
+    part = make_video(tmp_path / "part.ts", [i / 25 for i in range(25)], audio_s=1.0)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(part.read_bytes() * 2)
+    out = tmp_path / "o.mp4"
+    assert run(tiny_onnx, joined, out) == 0
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].frames == 50 and container.streams.audio
+
+
+def test_a_first_write_that_fails_says_nothing_was_left(tmp_path):
+    from realtime_cam.errors import SinkError
+    from realtime_cam.sinks import VideoFileSink
+
+    sink = VideoFileSink(tmp_path / "o.mp4", 25, (64, 48))
+
+    def full(image, time_s):
+        raise OSError(28, "No space left on device")
+
+    sink._writer.write = full
+    with pytest.raises(SinkError) as caught:
+        for _ in range(20):
+            sink.write(np.zeros((48, 64, 3), np.uint8))
+    assert str(caught.value) == f"writing {tmp_path / 'o.mp4'} failed: [Errno 28] No space left on device"
+    assert not list(tmp_path.iterdir())

@@ -147,10 +147,13 @@ class FileWorker:
         except (CamError, OSError) as exc:
             return error_summary(item, one_line(exc), time.perf_counter() - start)
         except Exception as exc:  # a decoder or encoder failing on one file must not stop the others
+            import av
             import cv2
 
             if isinstance(exc, cv2.error):
                 return error_summary(item, f"OpenCV: {one_line(exc)}", time.perf_counter() - start)
+            if isinstance(exc, av.FFmpegError):
+                return error_summary(item, f"FFmpeg: {one_line(exc)}", time.perf_counter() - start)
             raise
 
     def _explain(self, item: Item, on_frames: Callable[[int], None] | None, start: float) -> dict:
