@@ -31,10 +31,15 @@ class _Logits(nn.Module):
         return self.head(self.backbone(x).mean(dim=(2, 3)))
 
 
-def reference_network(arch: str) -> tuple[nn.Module, nn.Module, object]:
-    """(network, target layer, reshape_transform): the layer ``export --arch`` explains, random weights."""
+def check_arch(arch: str) -> None:
+    """A one-line error for an arch torchvision does not have (before any measurement)."""
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise ExportError(f"--grad-reference: torchvision has no classification model {arch!r}")
+
+
+def reference_network(arch: str) -> tuple[nn.Module, nn.Module, object]:
+    """(network, target layer, reshape_transform): the layer ``export --arch`` explains, random weights."""
+    check_arch(arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = torchvision.models.get_model(arch, weights=None).eval()

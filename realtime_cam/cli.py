@@ -315,10 +315,47 @@ def _export_missing_default(path: Path) -> None:
     export_default_model(path, log=log.info)
 
 
+def run_model_path(given: Path | None) -> Path:
+    """``--model``, or the default model (exported the first time it is needed)."""
+    if given is not None:
+        return given
+    path = default_model_path()
+    if not path.exists():
+        _export_missing_default(path)
+    return path
+
+
+def run_method(model, asked: str | None) -> str:
+    """The map method ``run`` uses: the one asked for, else the model's first (cam where its head has one, else
+    gradcam); one line when the model cannot give it."""
+    method = asked or model.methods[0]
+    if method not in model.methods:
+        raise CamError(f"--method {method}: this model cannot give it (its head is not global average "
+                       f"pooling + one linear layer); it offers {', '.join(model.methods)}")
+    return method
+
+
+def load_run_model(args: argparse.Namespace):
+    """The model of ``run`` and ``serve``, the method and the pinned class (or None), said as they are chosen."""
+    from .model import CamModel
+
+    model_path = run_model_path(args.model)
+    model = CamModel(model_path, device=args.device)
+    method = run_method(model, args.method)
+    class_id = model.class_id_for(args.class_name) if args.class_name is not None else None
+    log.info("model %s (%d classes) on %s", model_path, model.num_classes, model.provider)
+    if class_id is not None:  # a prefix or an id may name another class than the user thinks
+        typed, label = args.class_name.strip(), model.labels[class_id]
+        how = "" if typed.lower() in (label.lower(), str(class_id)) else f" (the one label that starts with {typed!r})"
+        log.info("--class %s: explaining class %d, %r, on every frame%s", typed, class_id, label, how)
+    if model.info.random_weights:
+        log.warning("random weights: this model's maps mean nothing")
+    return model, method, class_id
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .collection import is_collection, run_collection
     from .encoders import VideoSettings, check_codec
-    from .model import CamModel
     from .overlay import COLORMAPS
     from .pipeline import RunOptions, hold_window, run_loop
     from .progress import Progress
@@ -342,24 +379,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_output_path(args.output, FILE_SINKS, inputs=(args.source, args.model))
     if args.no_display and args.output is None:
         log.info("--no-display without --output: frames are processed and dropped (a dry run)")
-    model_path = args.model
-    if model_path is None:
-        model_path = default_model_path()
-        if not model_path.exists():
-            _export_missing_default(model_path)
-    model = CamModel(model_path, device=args.device)
-    method = args.method or model.methods[0]  # cam where the head has one, else gradcam
-    if method not in model.methods:
-        raise CamError(f"--method {method}: this model cannot give it (its head is not global average "
-                       f"pooling + one linear layer); it offers {', '.join(model.methods)}")
-    class_id = model.class_id_for(args.class_name) if args.class_name is not None else None
-    log.info("model %s (%d classes) on %s", model_path, model.num_classes, model.provider)
-    if class_id is not None:  # a prefix or an id may name another class than the user thinks
-        typed, label = args.class_name.strip(), model.labels[class_id]
-        how = "" if typed.lower() in (label.lower(), str(class_id)) else f" (the one label that starts with {typed!r})"
-        log.info("--class %s: explaining class %d, %r, on every frame%s", typed, class_id, label, how)
-    if model.info.random_weights:
-        log.warning("random weights: this model's maps mean nothing")
+    model, method, class_id = load_run_model(args)
 
     sinks: list = []
     try:

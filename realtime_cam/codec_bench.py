@@ -28,7 +28,7 @@ def _opencv_file(spec: str) -> CaptureSource:
     return CaptureSource(spec, lambda: OpenCvReader(spec, f"{spec} as a video"), "video", False, f"{spec} as a video")
 
 
-READERS = {"opencv": lambda spec: _opencv_file(spec), "pyav": lambda spec: open_source(spec)}
+READERS = {"opencv": _opencv_file, "pyav": open_source}
 
 
 def encoder_variants(hardware: bool) -> dict[str, tuple[str, str, VideoSettings]]:

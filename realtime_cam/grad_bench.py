@@ -19,7 +19,6 @@ import onnx
 import onnxruntime as ort
 
 from .contract import FEATURES, GRADS, GRADS_CLASS, LOGITS, TARGET_CLASS
-from .errors import CamError
 from .model import CamModel, _session_options, load_model_proto
 from .pipeline import RunOptions
 
@@ -119,12 +118,11 @@ def grad_reference(arch: str, model: CamModel, frames: list[np.ndarray], device:
 def check_reference(arch: str) -> None:
     """Refuse, before any measurement, an arch that torchvision does not have (when torchvision is installed;
     without it the reference is left out and the report says why)."""
-    try:
-        import torchvision
+    try:  # torch lives with the export step, never in the runtime itself
+        from .export.grad_reference import check_arch
     except ImportError:
         return
-    if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise CamError(f"--grad-reference: torchvision has no classification model {arch!r}")
+    check_arch(arch)
 
 
 def table_lines(report: dict) -> list[str]:

@@ -338,11 +338,7 @@ class SnapshotSink(Sink):
         if not cv2.imwrite(str(stem.with_suffix(".png")), overlay):
             raise SinkError(f"cannot write a snapshot into {self.folder}")
         np.save(stem.with_suffix(".npy"), prediction.cam)
-        meta = {"frame": frame.index, "class_id": prediction.class_id, "label": prediction.label,
-                "probability": prediction.probability, "pinned": prediction.pinned, "held": prediction.held,
-                "method": prediction.method,
-                "topk": [{"class_id": c, "label": name, "probability": p} for c, name, p in prediction.topk],
-                "box_xyxy": list(box) if box is not None else None}
+        meta = {"frame": frame.index, **prediction.as_dict(), "box_xyxy": list(box) if box is not None else None}
         stem.with_suffix(".json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         self.written += [stem.with_suffix(e) for e in (".png", ".npy", ".json")]
         return stem.with_suffix(".png")

@@ -428,6 +428,21 @@ SOURCE_KINDS: dict[str, tuple[Callable[[str], bool], Callable[..., FrameSource]]
 }
 
 
+def is_live_spec(spec: str) -> bool:
+    """A webcam index or a URL: a source read live (not a file)."""
+    return _kind_of(str(spec)) in ("webcam", "stream")
+
+
+def read_source_list(path: Path) -> list[str]:
+    """The entries of a ``.txt`` list of sources, one a line (blank lines and ``#`` comments skipped): streams'
+    specs, or a collection's files, folders and globs. A one-line SourceError when it cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"cannot read the source list {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 def check_source(spec: str | int) -> None:
     """What can be told about a source without opening it (a file that is not there, a directory, an empty
     file): a one-line SourceError, so that a typo is reported before a model is loaded or exported."""

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import sources
 from .errors import SourceError
 from .pipeline import RunOptions, Shown, StreamState, step
 from .sinks import Sink
-from .sources import FrameBuffer, FrameSource, open_source
+from .sources import FrameBuffer, FrameSource, is_live_spec, open_source
 from .threads import HELPER_CPU, lower_this_threads_priority, single_threaded_blas, single_threaded_opencv
 from .timing import Rate, median_p95
 from .types import Frame
@@ -119,24 +120,10 @@ def open_live(spec: str, reconnect: int = 0, loop: bool = False) -> FrameSource:
     return LiveFile(source, loop=loop, reopen=lambda: open_source(spec))
 
 
-def is_live_spec(spec: str) -> bool:
-    """A webcam index or a URL (not a file)."""
-    from .sources import _is_url, _is_webcam
-
-    return _is_webcam(spec) or _is_url(spec)
-
-
 def read_source_list(path: Path) -> list[str]:
-    """The sources a ``.txt`` file lists, one per line (blank lines and ``#`` comments skipped).
-
-    Raises:
-        SourceError: when it cannot be read or lists nothing.
-    """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SourceError(f"cannot read the source list {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    specs = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    """The sources a ``.txt`` file lists (see ``sources.read_source_list``); a one-line SourceError when it
+    lists none."""
+    specs = sources.read_source_list(path)
     if not specs:
         raise SourceError(f"the source list {path} names no source")
     return specs
@@ -279,14 +266,7 @@ class Stream:
         return StreamInfo(
             id=self.id, name=self.name, spec=self.source.spec, kind=self.source.kind, live=self.source.live,
             frames=self.rate.done, fps=self.rate.shown, ended=self.slot.ended, error=self.slot.error,
-            view=self.view, prediction=prediction_dict(shown.prediction) if shown is not None else None)
-
-
-def prediction_dict(prediction) -> dict:
-    """A prediction as JSON can hold it (the map left out)."""
-    return {"class_id": prediction.class_id, "label": prediction.label, "probability": prediction.probability,
-            "method": prediction.method, "pinned": prediction.pinned, "held": prediction.held,
-            "topk": [{"class_id": c, "label": name, "probability": p} for c, name, p in prediction.topk]}
+            view=self.view, prediction=shown.prediction.as_dict() if shown is not None else None)
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import CamError, SinkError
-from .paths import default_model_path
 
 log = logging.getLogger("realtime_cam")
 
@@ -102,27 +101,13 @@ def stream_specs(given: Sequence[str] | None, files_too: bool = False) -> list[s
 
 def _load_model(args: argparse.Namespace):
     """The model, the view every stream starts with, and the run options (as `run` builds them)."""
-    from .model import CamModel
+    from .cli import load_run_model
     from .overlay import COLORMAPS
     from .pipeline import RunOptions
     from .temporal import TemporalOptions
     from .view import ViewState
 
-    model_path = args.model
-    if model_path is None:
-        model_path = default_model_path()
-        if not model_path.exists():
-            from .export.build import export_default_model
-
-            export_default_model(model_path, log=log.info)
-    model = CamModel(model_path, device=args.device)
-    method = args.method or model.methods[0]
-    if method not in model.methods:
-        raise CamError(f"--method {method}: this model cannot give it; it offers {', '.join(model.methods)}")
-    class_id = model.class_id_for(args.class_name) if args.class_name is not None else None
-    log.info("model %s (%d classes) on %s", model_path, model.num_classes, model.provider)
-    if model.info.random_weights:
-        log.warning("random weights: this model's maps mean nothing")
+    model, method, class_id = load_run_model(args)
     options = RunOptions(
         view=ViewState(method=method, pinned_class=class_id, topk=args.topk, show_box=args.box, alpha=args.alpha),
         temporal=TemporalOptions(smooth=args.smooth, hysteresis=args.hysteresis, scale=args.scale),

@@ -56,3 +56,9 @@ class Prediction:
     probabilities: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.float32))
     pinned: bool = False
     held: bool = False
+
+    def as_dict(self) -> dict:
+        """What JSON can hold of it (the map and the full probabilities left out): snapshots, the web page."""
+        return {"class_id": self.class_id, "label": self.label, "probability": self.probability,
+                "pinned": self.pinned, "held": self.held, "method": self.method,
+                "topk": [{"class_id": c, "label": name, "probability": p} for c, name, p in self.topk]}

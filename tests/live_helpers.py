@@ -1,4 +1,8 @@
-"""A stand-in for the OpenCV window that presses scripted keys."""
+"""Helpers for the live tests: a stand-in for the OpenCV window that presses scripted keys, and a poll."""
+
+import time
+
+import pytest
 
 from realtime_cam.sinks import Sink
 
@@ -23,3 +27,12 @@ class ScriptedWindow(Sink):
     @property
     def closed(self):
         return self.closed_after is not None and len(self.shown) > self.closed_after
+
+
+def wait_until(condition, timeout=20.0, what="condition"):
+    """Polls ``condition`` (not a timing assertion: the bound only keeps a broken run from hanging)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from browser import needs_browser
 from conftest import shared
+from live_helpers import wait_until
 from mjpeg_server import MjpegServer
 
 from realtime_cam.model import CamModel
@@ -26,15 +27,6 @@ from realtime_cam.streams import MultiStream, open_live
 from realtime_cam.web.server import StreamServer, resolve_token
 
 TOKEN = "s3cret-test-token"
-
-
-def wait_until(condition, timeout=20.0, what="condition"):
-    """Polls ``condition`` (the bound only keeps a broken run from hanging; nothing here is timed)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def get(url, headers=None):

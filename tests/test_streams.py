@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import needs_shared, shared
+from live_helpers import wait_until
 from mjpeg_server import MjpegServer
 from test_window import display, needs_x, press, screenshot, wait_for_window  # noqa: F401 - display: Xvfb fixture
 
@@ -25,15 +26,6 @@ from realtime_cam.streams import LiveFile, MultiStream, open_live, read_source_l
 from realtime_cam.streams_cli import stream_specs
 
 BOTTLE, CAR, PEOPLE = ("videos", "bottle-detection.mp4"), ("videos", "car-detection.mp4"), ("videos", "vtest.avi")
-
-
-def wait_until(condition, timeout=20.0, what="condition"):
-    """Polls ``condition`` (not a timing assertion: the bound only keeps a broken run from hanging)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

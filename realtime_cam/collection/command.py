@@ -96,10 +96,9 @@ def check_output_dir(output: Path | None) -> Path:
 
 def job_options(args: argparse.Namespace, model, model_path: Path, output: Path, fmt: str) -> JobOptions:
     """``run``'s options, checked against the model (a method it cannot give, a class it does not have)."""
-    method = args.method or model.methods[0]
-    if method not in model.methods:
-        raise CamError(f"--method {method}: this model cannot give it (its head is not global average "
-                       f"pooling + one linear layer); it offers {', '.join(model.methods)}")
+    from ..cli import run_method
+
+    method = run_method(model, args.method)
     class_id = model.class_id_for(args.class_name) if args.class_name is not None else None
     return JobOptions(
         model=str(model_path), output_dir=str(output), table_format=fmt, device=args.device, method=method,
@@ -207,9 +206,8 @@ def execute(items: Sequence[Item], options: JobOptions, ray: bool, model=None, w
 
 def run_collection(args: argparse.Namespace) -> int:
     """``run`` on a collection; returns the exit status (2 when any file failed)."""
-    from ..cli import EXIT_ERROR, EXIT_OK, _export_missing_default
+    from ..cli import EXIT_ERROR, EXIT_OK, run_model_path
     from ..model import CamModel
-    from ..paths import default_model_path
 
     source = Path(str(args.source))
     if source.is_dir() and args.output is not None and args.output.is_dir() and os.path.samefile(source, args.output):
@@ -222,11 +220,7 @@ def run_collection(args: argparse.Namespace) -> int:
              len(items) - videos, output)
     if not args.no_display:
         log.info("a collection runs headless (no window): its overlays go to %s", output)
-    model_path = args.model
-    if model_path is None:
-        model_path = default_model_path()
-        if not model_path.exists():
-            _export_missing_default(model_path)
+    model_path = run_model_path(args.model)
     ray = use_ray(args)
     # Loaded here to check the options before any work; the in-process runner then uses it.
     model = CamModel(model_path, device=args.device)

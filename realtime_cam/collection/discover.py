@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import SourceError
 from ..images import IMAGE_EXTENSIONS, WRITABLE_IMAGE_EXTENSIONS
-from ..sources import URL_RE, VIDEO_EXTENSIONS
+from ..sources import VIDEO_EXTENSIONS, is_live_spec, read_source_list
 
 GLOB_CHARS = frozenset("*?[")
 LIST_SUFFIX = ".txt"
@@ -59,7 +59,7 @@ def is_collection(spec: str | os.PathLike | None) -> bool:
     if spec is None:
         return False
     text = str(spec)
-    if not text.strip() or URL_RE.match(text) or text.strip().isdigit():
+    if not text.strip() or is_live_spec(text):
         return False
     path = Path(text)
     if path.is_dir():
@@ -124,14 +124,6 @@ def _expand(entry: str, base: Path, exclude: Path | None, where: str) -> list[tu
     raise SourceError(f"{where}: not found: {entry}")
 
 
-def _read_list(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SourceError(f"cannot read the list {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-
-
 def discover(spec: str, exclude: Path | None = None) -> list[Item]:
     """The videos and images a collection holds, in a stable order, with their relative and output paths.
 
@@ -142,7 +134,7 @@ def discover(spec: str, exclude: Path | None = None) -> list[Item]:
     path = Path(text)
     if path.is_file() and path.suffix.lower() == LIST_SUFFIX:
         found: list[tuple[Path, Path]] = []
-        for entry in _read_list(path):
+        for entry in read_source_list(path):
             found += _expand(entry, path.parent, exclude, f"list {path}")
         files = [f for f, _ in found]
         # Entries from several places: relative to their common folder, so that two files never share a name.
