@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -95,18 +96,23 @@ def single_threaded_opencv() -> Iterator[None]:
         yield
 
 
-def _blas_threads() -> list[dict]:
-    """threadpoolctl's description of each BLAS library loaded in the process (numpy's OpenBLAS, ...)."""
-    from threadpoolctl import threadpool_info
+@functools.cache
+def _blas_controller():
+    """threadpoolctl's handle on the BLAS libraries loaded in the process (numpy's OpenBLAS, ...), found once:
+    the search walks every loaded library (3 ms here), which a collection would pay on each of its files."""
+    from threadpoolctl import ThreadpoolController
 
-    return [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+    return ThreadpoolController().select(user_api="blas")
+
+
+def _blas_threads() -> list[dict]:
+    """threadpoolctl's description of each BLAS library loaded in the process."""
+    return _blas_controller().info()
 
 
 def _limit_blas(limits: int | list[dict]) -> None:
     """Every BLAS library at ``limits`` threads, or each back at its own count in a list from _blas_threads."""
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits, user_api="blas")
+    _blas_controller().limit(limits=limits)
 
 
 _BLAS_ONE_THREAD = ProcessWideOverride(_blas_threads, _limit_blas, 1)

@@ -230,3 +230,19 @@ def test_plan_of_workers_shares_the_cpus_and_never_exceeds_a_node():
     assert worker_plan(2, 4, 10) == (4, 0.5, 1)         # more workers than CPUs: a fraction each
     assert worker_plan(2, 8, 3) == (3, 0.25, 1)         # never more workers than files
     assert worker_plan(2, 1, 10, node_cpus=1) == (1, 1.0, 1)  # two one-CPU nodes: one node's worth
+    assert worker_plan(2, 1, 10, cpus_each=1.0) == (1, 1.0, 1)  # bench's one worker of one CPU
+
+
+def test_many_files_are_queued_at_each_worker_and_the_largest_go_first(tmp_path):
+    from realtime_cam.collection.discover import Item
+    from realtime_cam.collection.on_ray import largest_first, tasks_in_flight
+
+    assert tasks_in_flight(files=3, actors=2) == 1    # a few (long) files: each to the first free worker
+    assert tasks_in_flight(files=8, actors=2) == 2    # many: the next one waits at the worker, no idle gap
+    sizes = {"a.mp4": 10, "b.mp4": 3000, "c.jpg": 200}
+    items = []
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(b"x" * size)
+        items.append(Item(str(tmp_path / name), name, "video", name))
+    items.append(Item(str(tmp_path / "gone.mp4"), "gone.mp4", "video", "gone.mp4"))  # unreadable: last, kept
+    assert [i.rel for i in largest_first(items)] == ["b.mp4", "c.jpg", "a.mp4", "gone.mp4"]

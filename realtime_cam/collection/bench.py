@@ -1,5 +1,6 @@
 """``bench --collection DIR``: files and frames per second over a whole collection, in one run, for the
-in-process sequential runner, Ray with 1 worker and Ray with N workers; and what Ray costs per file.
+in-process sequential runner, Ray with 1 worker (holding every CPU, then one CPU: the size of each of the N)
+and Ray with N workers; and what Ray costs per file.
 
 Each configuration explains every file of the collection into a fresh temporary folder (overlays and results
 written, as ``run`` writes them). Ray is started once; its start-up is reported on its own. What Ray adds to
@@ -72,11 +73,15 @@ def run_collection_bench(model: Path, folder: str, workers: int | None = None, d
         with ray_session(num_cpus=n) as ray:
             ray.get(ray.remote(lambda: None).remote())  # a worker process is up: Ray has started
             report["ray_startup_s"] = round(time.perf_counter() - t0, 3)
-            for count in dict.fromkeys((1, n)):
-                log(f"Ray, {count} worker(s)")
-                opts = options(f"ray{count}")
+            # 1 worker holding every CPU (what --workers 1 gives), 1 worker of one CPU (the size of each of the
+            # N workers: the base of the scaling), N workers
+            runs = [("ray-1", 1, None)] + ([("ray-1-of-1-cpu", 1, 1.0), (f"ray-{n}", n, None)] if n > 1 else [])
+            for name, count, cpus in runs:
+                log(f"Ray, {count} worker(s)" + (f" of {cpus:g} CPU" if cpus else ""))
+                opts = options(name)
                 report["results"].append(_measure(
-                    f"ray-{count}", lambda done, o=opts, c=count: run_on_ray(items, o, done, workers=c), len(items)))
+                    name, lambda done, o=opts, c=count, k=cpus: run_on_ray(items, o, done, workers=c,
+                                                                           cpus_per_worker=k), len(items)))
             one_ray = _measure("ray-1-1-file", lambda done: run_on_ray(items[:1], options("ray-one"), done, workers=1),
                                1)
         report["first_file_alone"] = [one_local, one_ray]
@@ -88,22 +93,24 @@ def run_collection_bench(model: Path, folder: str, workers: int | None = None, d
         report["ray_overhead_per_file_s"] = round((extra_all - extra_one) / (len(items) - 1), 3)
     if f"ray-{n}" in by and n > 1:
         report["speedup_n_over_1"] = round(by["ray-1"]["seconds"] / by[f"ray-{n}"]["seconds"], 3)
+        report["speedup_n_over_1_cpu"] = round(by["ray-1-of-1-cpu"]["seconds"] / by[f"ray-{n}"]["seconds"], 3)
     return report
 
 
 def format_collection_table(report: dict) -> str:
     c = report["config"]
     lines = [f"{c['files']} files from {c['collection']}, model {Path(c['model']).name} on {c['device']}",
-             f"{'runner':<12} {'seconds':>8} {'files/s':>8} {'frames/s':>9}"]
+             f"{'runner':<14} {'seconds':>8} {'files/s':>8} {'frames/s':>9}"]
     for r in report["results"]:
-        lines.append(f"{r['runner']:<12} {r['seconds']:>8.2f} {r['files_per_s']:>8.2f} {r['frames_per_s']:>9.1f}")
+        lines.append(f"{r['runner']:<14} {r['seconds']:>8.2f} {r['files_per_s']:>8.2f} {r['frames_per_s']:>9.1f}")
     if "ray_startup_s" in report:
         lines.append(f"Ray start-up {report['ray_startup_s']:.2f} s (not in the rows above)")
     if "ray_overhead_per_file_s" in report:
         lines.append(f"Ray with 1 worker vs in-process: {report['ray_overhead_fixed_s']:+.2f} s per run (worker "
                      f"process, model, dataset) and {report['ray_overhead_per_file_s'] * 1000:+.0f} ms per file")
     if "speedup_n_over_1" in report:
-        lines.append(f"{c['workers']} workers vs 1: {report['speedup_n_over_1']:.2f}x")
+        lines.append(f"{c['workers']} workers vs 1 worker of 1 CPU: {report['speedup_n_over_1_cpu']:.2f}x; vs 1 "
+                     f"worker holding every CPU: {report['speedup_n_over_1']:.2f}x")
     if report.get("skipped"):
         lines.append(f"skipped: {report['skipped']}")
     return "\n".join(lines)

@@ -149,18 +149,42 @@ class _RayFileWorker:
         return {"summary": summaries}
 
 
-def worker_plan(total_cpus: float, workers: int | None, files: int, node_cpus: float | None = None
-                ) -> tuple[int, float, int]:
+def worker_plan(total_cpus: float, workers: int | None, files: int, node_cpus: float | None = None,
+                cpus_each: float | None = None) -> tuple[int, float, int]:
     """(actors, CPUs each, ONNX Runtime threads each): ``workers`` actors (default one per CPU), never more
-    than there are files, sharing the CPUs (a fraction each when there are more workers than CPUs), and
-    never more CPUs each than one node has (``node_cpus``)."""
+    than there are files, sharing the CPUs (a fraction each when there are more workers than CPUs; exactly
+    ``cpus_each`` when given), and never more CPUs each than one node has (``node_cpus``)."""
     total = max(total_cpus, 1.0)
     wanted = workers if workers is not None else max(1, int(total))
     n = max(1, min(wanted, files))
-    cpus = total / wanted
+    cpus = cpus_each if cpus_each is not None else total / wanted
     if node_cpus:
         cpus = min(cpus, node_cpus)
     return n, cpus, max(1, int(cpus))
+
+
+# Files per actor from which the next file is queued at each actor while it works on one (Ray Data's
+# max_tasks_in_flight_per_actor=2): handing an actor its next file after it reports the last took 15-35 ms
+# of the driver here, and under load much more (2 actors on 2 cores idled a third of the time on 30-frame
+# clips). With fewer files, each goes to the first actor that is free, so that a long video never waits
+# behind another while an actor idles.
+QUEUE_FROM_FILES_PER_ACTOR = 4
+
+
+def tasks_in_flight(files: int, actors: int) -> int:
+    """Ray Data's max_tasks_in_flight_per_actor for a collection (see QUEUE_FROM_FILES_PER_ACTOR)."""
+    return 2 if files >= QUEUE_FROM_FILES_PER_ACTOR * actors else 1
+
+
+def largest_first(items: Sequence[Item]) -> list[Item]:
+    """The items by size, largest first: the long videos start first and short files fill in at the end, so
+    that no actor is left with a long one when the others are done. (Results keep the collection's order.)"""
+    def size(item: Item) -> int:
+        try:
+            return os.path.getsize(item.path)
+        except OSError:
+            return 0
+    return sorted(items, key=size, reverse=True)
 
 
 def _largest_node_cpus(ray, gpus: bool) -> float | None:
@@ -171,9 +195,11 @@ def _largest_node_cpus(ray, gpus: bool) -> float | None:
 
 
 def run_on_ray(items: Sequence[Item], options: JobOptions, on_done: Callable[[dict], None],
-               workers: int | None = None, gpus_per_worker: float = 0.0) -> dict:
+               workers: int | None = None, gpus_per_worker: float = 0.0, cpus_per_worker: float | None = None
+               ) -> dict:
     """Explain the items on the Ray that is initialised; ``on_done`` gets each summary as its file ends.
-    Returns the plan used (actors, CPUs and GPUs each)."""
+    ``cpus_per_worker`` overrides the even share of the CPUs (``bench`` measures one worker of one CPU).
+    Returns the plan used (actors, CPUs and GPUs each, tasks in flight per actor)."""
     import ray
     import ray.data
 
@@ -184,15 +210,17 @@ def run_on_ray(items: Sequence[Item], options: JobOptions, on_done: Callable[[di
     context.print_on_execution_start = False
     context.enable_auto_log_stats = False
     total_cpus = ray.cluster_resources().get("CPU", 1.0)
-    actors, cpus, threads = worker_plan(total_cpus, workers, len(items), _largest_node_cpus(ray, gpus_per_worker > 0))
+    actors, cpus, threads = worker_plan(total_cpus, workers, len(items), _largest_node_cpus(ray, gpus_per_worker > 0),
+                                        cpus_each=cpus_per_worker)
+    in_flight = tasks_in_flight(len(items), actors)
     options = replace(options, threads=threads)
-    ds = ray.data.from_items([asdict(item) for item in items], override_num_blocks=len(items))
+    ds = ray.data.from_items([asdict(item) for item in largest_first(items)], override_num_blocks=len(items))
     # The options travel in the class itself (pickled by value): no constructor arguments in the object store,
     # which a restarted actor (a worker that died) would need again.
     worker = type("CollectionWorker", (_RayFileWorker,), {"options": asdict(options)})
     ds = ds.map_batches(
         worker, batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight),
         num_cpus=cpus, num_gpus=gpus_per_worker or None,
     )
     try:
@@ -202,4 +230,5 @@ def run_on_ray(items: Sequence[Item], options: JobOptions, on_done: Callable[[di
         raise
     except Exception as exc:  # a worker that cannot start (the model missing on a node) or a bug in one
         raise CamError(f"a Ray worker failed: {worker_error(exc)}") from None
-    return {"actors": actors, "cpus_per_actor": cpus, "gpus_per_actor": gpus_per_worker, "threads": threads}
+    return {"actors": actors, "cpus_per_actor": cpus, "gpus_per_actor": gpus_per_worker, "threads": threads,
+            "tasks_in_flight": in_flight}
