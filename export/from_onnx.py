@@ -101,6 +101,7 @@ def rewrite_onnx_classifier(
     bgr: bool = False,
     features: str | None = None,
     grid: TokenGrid | None = None,
+    why: str | None = None,
     log: Callable[[str], None] = print,
 ) -> RewriteReport:
     """Rewrite an ONNX classifier into a contract file: with its linear head when the head is GAP + linear
@@ -118,6 +119,7 @@ def rewrite_onnx_classifier(
             linear head, else the last spatial map. Naming one always explains with in-graph gradients.
         grid: how the ``features`` tensor, a token tensor, becomes a map (export/token_grid.py); None: a
             [N, T, C] tensor is read as a square grid of patches after at most 8 leading tokens.
+        why: why ``features`` is explained with gradients, for the log line (default: "as asked" when named).
         log: where the human-readable summary lines go.
 
     Returns:
@@ -160,7 +162,7 @@ def rewrite_onnx_classifier(
         return _rewrite_graph_head(model, original_bytes, path, shapes, (features, grid), image_input.name, tests,
                                    ModelInfo(labels=("?",), input_size_hw=size_hw, mean=mean_t, std=std_t,
                                              channel_order=order),
-                                   labels_path, Path(output), src, log)
+                                   labels_path, Path(output), src, log, why)
 
     num_classes, channels = head.weight.shape
     features_shape = shapes[head.features][0]
@@ -215,7 +217,7 @@ def rewrite_onnx_classifier(
 def _rewrite_graph_head(model: onnx.ModelProto, original_bytes: bytes, path: DataPath, shapes: Shapes,
                         asked_grid: tuple[str | None, TokenGrid | None], input_name: str, tests: list[np.ndarray],
                         base: ModelInfo, labels_path: str | None, output: Path, src: Path,
-                        log: Callable[[str], None]) -> RewriteReport:
+                        log: Callable[[str], None], why: str | None = None) -> RewriteReport:
     """A contract file without a linear head: ``features``, ``logits`` and their gradient (see graph_head.py)."""
     asked, grid = asked_grid
     produced = frozenset(o for node in model.graph.node for o in node.output)
@@ -225,7 +227,8 @@ def _rewrite_graph_head(model: onnx.ModelProto, original_bytes: bytes, path: Dat
         token_shape = (shapes.get(features) or tensor_shapes(model, [(features, None)], input_name, tests[0],
                                                             src)[features])[0]
         grid = grid or guess_grid(token_shape)
-    model = with_gradient_head(model, features, logits, log, asked=asked is not None, grid=grid,
+    model = with_gradient_head(model, features, logits, log, grid=grid,
+                               why=why or ("as asked" if asked is not None else None),
                                token_shape=token_shape)
     original = _tensor_values(original_bytes, logits, input_name, tests, src)
     num_classes = int(original[0].shape[-1])

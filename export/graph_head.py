@@ -50,7 +50,7 @@ def explained_tensors(path: DataPath, shapes: Shapes, asked: str | None, src: Pa
 
 
 def with_gradient_head(model: onnx.ModelProto, features: str, logits: str, log: Callable[[str], None],
-                       asked: bool = False, grid: TokenGrid | None = None,
+                       why: str | None = None, grid: TokenGrid | None = None,
                        token_shape: tuple | None = None) -> onnx.ModelProto:
     """The model with the contract's outputs for a graph head: ``logits``, ``features``, ``grads``,
     ``grads_class``, and the input ``target_class`` defaulting to -1 (each frame's top-1), so that a run that
@@ -78,7 +78,7 @@ def with_gradient_head(model: onnx.ModelProto, features: str, logits: str, log: 
     target.type.tensor_type.shape.dim[0].dim_param = "targets"
     graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), TARGET_CLASS))
     prune(graph)
-    why = "as asked" if asked else "the head is not global average pooling + one linear layer"
+    why = why or "the head is not global average pooling + one linear layer"
     if grid is not None:
         log(f"'{tokens}' is {grid.describe(token_shape)} inside the graph; its gradient flows back through "
             "every op between it and the logits")

@@ -166,6 +166,8 @@ def export_graph_head(model: nn.Module, info: ModelInfo, arch: str, output: Path
         del proto
         report = rewrite_onnx_classifier(exported, rewritten, labels_path=labels_path, input_size_hw=(h, w),
                                          mean=info.mean, std=info.std, features=TARGET_OUTPUT, grid=layer.grid,
+                                         why=f"{layer.grad_cam}, " + ("named with --features" if features is not None
+                                                                       else "pytorch-grad-cam's target layer"),
                                          log=log)
         contract = onnx.load(str(rewritten))
     names = read_contract(contract)[0].labels  # labels_path's, else the defaults for the class count
