@@ -135,6 +135,30 @@ def test_a_second_run_does_only_the_missing_files_and_overwrite_redoes_them_all(
     assert "3 file(s) explained (9 frames), 0 skipped" in capsys.readouterr().err
 
 
+def test_a_file_done_with_other_options_or_another_model_is_done_again(tiny_onnx, tmp_path, capsys):
+    import os
+    import shutil
+
+    root = make_collection(tmp_path / "in", clips=1, photos=1, frames=4)
+    out = tmp_path / "out"
+    model = shutil.copy(tiny_onnx, tmp_path / "model.onnx")
+    assert run_collection(model, root, out, "--no-ray") == 0
+    first = (out / "clips" / "clip-0.mp4").read_bytes()
+    capsys.readouterr()
+    assert run_collection(model, root, out, "--no-ray", "--alpha", "0.2") == 0
+    err = capsys.readouterr().err
+    assert "2 file(s) in" in err and "made before with other options (alpha): done again" in err
+    assert "2 file(s) explained (5 frames), 0 skipped" in err
+    assert (out / "clips" / "clip-0.mp4").read_bytes() != first  # the overlay is the new alpha's
+    assert run_collection(model, root, out, "--no-ray", "--alpha", "0.2") == 0  # the same options: nothing to do
+    assert "0 file(s) explained (0 frames), 2 skipped as complete" in capsys.readouterr().err
+    stat = os.stat(model)
+    os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the model exported again to its path
+    assert run_collection(model, root, out, "--no-ray", "--alpha", "0.2") == 0
+    err = capsys.readouterr().err
+    assert "(model): done again" in err and "2 file(s) explained" in err
+
+
 def test_without_ray_the_command_runs_in_process_and_says_how_to_install_it(tiny_onnx, tmp_path, capsys,
                                                                                monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed

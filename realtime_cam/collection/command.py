@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import CamError, SinkError
 from ..progress import Progress
 from .discover import Item, discover
-from .job import ERROR, SKIPPED, JobOptions, completed, output_paths
+from .job import ERROR, SKIPPED, JobOptions, changed_options, completed, output_paths
 from .results import FILE_COLUMNS, FRAME_COLUMNS, combine_tables, table_format, write_table
 
 log = logging.getLogger("realtime_cam")
@@ -154,6 +154,8 @@ def execute(items: Sequence[Item], options: JobOptions, ray: bool, model=None, w
     start = time.perf_counter()
     by_rel: dict[str, dict] = {}
     todo: list[Item] = []
+    redone: dict[str, None] = {}  # the options that differed for files done before, done again
+    redone_files = 0
     for item in items:
         stored = None if options.overwrite else completed(options, item)
         if stored is not None:
@@ -162,9 +164,15 @@ def execute(items: Sequence[Item], options: JobOptions, ray: bool, model=None, w
                 progress.file_done(True, by_rel[item.rel])
         else:
             todo.append(item)
+            changed = [] if options.overwrite else changed_options(options, item)
+            redone.update(dict.fromkeys(changed))
+            redone_files += bool(changed)
     if len(todo) < len(items):
         log.info("%d of %d files are already complete in %s: skipped (--overwrite redoes them)",
                  len(items) - len(todo), len(items), options.output_dir)
+    if redone_files:
+        log.info("%d file(s) in %s were made before with other options (%s): done again with these",
+                 redone_files, options.output_dir, ", ".join(redone))
 
     def done(summary: dict, frames_counted: bool = False) -> None:
         by_rel[summary["file"]] = summary

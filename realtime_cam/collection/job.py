@@ -66,8 +66,26 @@ def output_paths(options: JobOptions, item: Item) -> tuple[Path, Path, Path]:
     return out / item.output_rel, rows, state.with_name(state.name + ".summary.json")
 
 
-def completed(options: JobOptions, item: Item) -> dict | None:
-    """The stored summary of an input whose overlay and results are all complete, else None."""
+# The options that shape a file's overlay and rows: a file done with other values of them is done again.
+# (--device, --batch and the threads change only the speed; --overwrite says what to do.)
+SHAPING = ("method", "class_id", "topk", "box", "box_threshold", "smooth", "hysteresis", "scale", "colormap",
+           "alpha", "max_frames", "codec", "crf")
+
+
+def made_with(options: JobOptions) -> dict:
+    """What a file's outputs were made with, kept in its summary: the shaping options and the model file (its
+    path, size and modification time: a model exported again to the same path counts as another)."""
+    model = Path(options.model)
+    try:
+        stat = model.stat()
+        model_id = {"path": str(model.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    except OSError:
+        model_id = {"path": str(model)}
+    return {"model": model_id, **{name: getattr(options, name) for name in SHAPING}}
+
+
+def _stored(options: JobOptions, item: Item) -> dict | None:
+    """The stored summary of an input whose overlay and results are all there and complete, else None."""
     overlay, rows, summary = output_paths(options, item)
     if not (overlay.is_file() and rows.is_file() and summary.is_file()):
         return None
@@ -75,7 +93,26 @@ def completed(options: JobOptions, item: Item) -> dict | None:
         stored = json.loads(summary.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return stored if stored.get("status") == OK else None
+    return stored if isinstance(stored, dict) and stored.get("status") == OK else None
+
+
+def completed(options: JobOptions, item: Item) -> dict | None:
+    """The stored summary of an input whose overlay and results are complete and were made with these options
+    (see made_with), else None."""
+    stored = _stored(options, item)
+    return stored if stored is not None and stored.get("made_with") == made_with(options) else None
+
+
+def changed_options(options: JobOptions, item: Item) -> list[str]:
+    """What differs between these options and those a complete earlier output of ``item`` was made with
+    ("model", "method", ...; "an earlier version" when it does not say); empty when there is none or they match."""
+    stored = _stored(options, item)
+    if stored is None:
+        return []
+    before, now = stored.get("made_with"), made_with(options)
+    if not isinstance(before, dict):
+        return ["an earlier version"]
+    return [name for name in now if before.get(name) != now[name]]
 
 
 def error_summary(item: Item, reason: str, seconds: float = 0.0) -> dict:
@@ -209,7 +246,8 @@ class FileWorker:
         write_table(rows, rows_path, FRAME_COLUMNS, o.table_format)
         from ..sinks import write_json
 
-        write_json({k: summary.get(k) for k in FILE_COLUMNS}, summary_path)  # last: it marks the file complete
+        write_json({**{k: summary.get(k) for k in FILE_COLUMNS}, "made_with": made_with(o)},
+                   summary_path)  # last: it marks the file complete
         return summary
 
 
