@@ -226,11 +226,6 @@ class CaptureSource(FrameSource):
         self.size_wh = (self._first.image_bgr.shape[1], self._first.image_bgr.shape[0])
         self.fps = self._reader.fps
         count = self._reader.frame_count
-        if live and kind == "stream" and count:
-            # A URL whose container states a frame count is a file served by URL (http://host/clip.avi,
-            # file://...), not a live stream: every frame, in order, and its end ends the run (taken for a
-            # dropout, it was reopened and played again without end).
-            self.live, self.kind = False, "video"
         self._claimed_count = count if count and not self.live else None
         self._count_frames = count_frames if not self.live else None
         self._counter = None  # started when the count is first asked for (the progress bar)
@@ -387,7 +382,18 @@ def _open_webcam(spec: str, reconnect: int = 0) -> FrameSource:
 
 def _open_stream(spec: str, reconnect: int = 0) -> FrameSource:
     describe = f"stream {spec}"
-    return CaptureSource(spec, lambda: OpenCvReader(spec, describe), "stream", True, describe, reconnect=reconnect)
+    opened = [interruptible(lambda: OpenCvReader(spec, describe), name=f"open:{spec}")]
+    if opened[0].frame_count:
+        # A URL whose container states a frame count is a file served by URL (http://host/clip.mp4,
+        # file://...): read as a video file (every frame, in order, its times, and its end ends the run), by
+        # PyAV, which also tells a download broken off from the end of the file (OpenCV ends it as if complete).
+        opened[0].release()
+        from .video_file import VideoFileReader
+
+        return CaptureSource(spec, lambda: VideoFileReader(spec), "video", False, f"{spec} as a video")
+    # A live stream: this first capture is used, a new one opened on each reconnect.
+    return CaptureSource(spec, lambda: opened.pop() if opened else OpenCvReader(spec, describe), "stream", True,
+                         describe, reconnect=reconnect)
 
 
 def _check_file(spec: str) -> None:

@@ -109,6 +109,7 @@ class VideoFileReader:
     def _decode(self):
         import av
 
+        cut: BaseException | None = None
         try:
             for packet in self._container.demux(self._stream):
                 if not packet.size:
@@ -119,8 +120,8 @@ class VideoFileReader:
                     self.damaged += 1  # one bad packet (a damaged file): FFmpeg goes on with the next
                     continue
                 yield from frames
-        except av.FFmpegError:
-            self.damaged += 1  # the demuxer cannot go further (a file cut short): its end
+        except av.FFmpegError as exc:
+            cut = exc  # the demuxer cannot go further (a file cut short, a download broken off): its end
         try:  # the frames the decoder still holds (reordering, its threads)
             yield from self._stream.codec_context.decode(None)
         except av.FFmpegError:
@@ -128,6 +129,11 @@ class VideoFileReader:
         if self.damaged:
             log.warning("%s: %d damaged packet(s) skipped; the frames around them that decoded were explained",
                         self.path, self.damaged)
+        if cut is not None:
+            stated = self._container.duration
+            log.warning("%s: the video ends early (%s)%s; the %d frame(s) read were explained", self.path,
+                        _reason(cut), f" at {self._last_time or 0.0:.1f} s of the {stated / 1e6:.1f} s it states"
+                        if stated else "", self._index)
 
     def read(self) -> tuple[np.ndarray, float | None] | None:
         """The next frame as BGR and its presentation time in seconds; None at the end of the file."""

@@ -403,6 +403,43 @@ def test_ctrl_c_on_a_stalled_stream_ends_the_run_at_once(mnv2_int8_onnx):
 
 
 @needs_shared
+def test_a_download_broken_off_says_so_and_keeps_every_frame_it_read(mnv2_int8_onnx, tmp_path):
+    """A video file by URL whose transfer stops half-way (the server states the whole length, sends half and
+    closes): it used to end as if the file were complete, with no word. Now one line says it ended early, and
+    where, and the output holds every frame read."""
+    import http.server
+
+    data = shared("videos", "vtest.avi").read_bytes()
+
+    class HalfThenClose(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:len(data) // 2])
+            self.close_connection = True
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HalfThenClose)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    out = tmp_path / "o.mp4"
+    try:
+        done = subprocess.run([sys.executable, "-m", "realtime_cam", "run", "--model", str(mnv2_int8_onnx),
+                               "--source", f"http://127.0.0.1:{httpd.server_address[1]}/vtest.avi",
+                               "--output", str(out), "--no-display"], capture_output=True, text=True, timeout=240)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert done.returncode == 0, done.stderr[-2000:]
+    early = [line for line in done.stderr.splitlines() if "the video ends early" in line]
+    assert len(early) == 1 and "of the 13.8 s it states" in early[0], done.stderr[-2000:]
+    read = int(early[0].split("the ")[-1].split(" frame(s) read")[0])
+    assert 100 < read < 341  # about half of vtest.avi's frames
+    assert frame_count(out) == read
+
+
 def test_a_video_file_given_by_url_ends_when_the_file_does(mnv2_int8_onnx, tmp_path):
     """http://127.0.0.1/clip.avi: the end of the file used to be taken for a dropout, reopened, and the
     file played again without end."""
