@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from realtime_cam.contract import FEATURES, LOGITS, ModelInfo, write_contract
+from realtime_cam.contract import FEATURES, LOGITS, PREFIX, ModelInfo, write_contract
 from realtime_cam.errors import ExportError
 from realtime_cam.preprocess import Preprocessor
 
@@ -29,11 +29,13 @@ from .lowering import (
     fidelity_to_fp32,
     head_nodes,
     keep_metadata,
+    keep_token_grid,
     load_fp32_contract,
     sample_check_frames,
     with_note,
 )
 from .options import DEFAULT_CHECK_FRAMES
+from .token_grid import TOKEN_GRID_KEYS
 
 __all__ = ["Fp16Report", "convert_fp16"]
 
@@ -107,10 +109,11 @@ def _to_fp16_with_fp32_head(model: onnx.ModelProto, convert: Callable[..., onnx.
     keep_info = [vi for vi in model.graph.value_info if vi.name not in head_outputs]
     backbone.graph.ClearField("value_info")
     backbone.graph.value_info.extend(keep_info)
-    outputs = [o for o in model.graph.output if o.name != LOGITS]
+    outputs = [o for o in model.graph.output if o.name not in head_outputs]  # features (and what feeds it)
     backbone.graph.ClearField("output")
     backbone.graph.output.extend(outputs)
     converted = convert(backbone, min_positive_val=_FP16_TINY, max_finite_val=_FP16_MAX, keep_io_types=True)
+    _cast_to_what_is_declared(converted.graph)
 
     # What the head reads from the backbone (the map, and any shared constant) it now reads in float32.
     converted_inits = {init.name: init for init in converted.graph.initializer}
@@ -136,12 +139,22 @@ def _to_fp16_with_fp32_head(model: onnx.ModelProto, convert: Callable[..., onnx.
         attached.append(copy)
     converted.graph.initializer.extend(head_only)
     converted.graph.node.extend([*casts, *attached])
-    features = [o for o in converted.graph.output if o.name == FEATURES]
-    others = [o for o in converted.graph.output if o.name != FEATURES]
-    logits = [o for o in model.graph.output if o.name == LOGITS]
     converted.graph.ClearField("output")
-    converted.graph.output.extend([*logits, *features, *others])
+    converted.graph.output.extend(model.graph.output)  # float32 all, in the contract's order, as in the fp32 file
     return converted
+
+
+def _cast_to_what_is_declared(graph: onnx.GraphProto) -> None:
+    """A model's own Cast-to-float32 nodes (torch.onnx writes them in attention) cast to float16 where the
+    converter declared their output float16: onnxconverter-common retypes the tensor but not the Cast, which
+    ONNX Runtime then refuses to load."""
+    declared = {vi.name: vi.type.tensor_type.elem_type for vi in graph.value_info}
+    for node in graph.node:
+        if node.op_type != "Cast" or declared.get(node.output[0]) != TensorProto.FLOAT16:
+            continue
+        for attribute in node.attribute:
+            if attribute.name == "to" and attribute.i == TensorProto.FLOAT:
+                attribute.i = TensorProto.FLOAT16
 
 
 def _renamed_copy(init: onnx.TensorProto, name: str) -> onnx.TensorProto:
@@ -192,6 +205,12 @@ def convert_fp16(
     """
     fp32_path, output = Path(fp32_path), Path(output)
     source_model, info, weight, bias = load_fp32_contract(fp32_path)
+    if any(p.key == PREFIX + TOKEN_GRID_KEYS[0] for p in source_model.metadata_props):
+        # Seen with a ViT: ONNX Runtime 1.32's CPU graph optimizer (NchwcTransformer with MatmulTransposeFusion)
+        # crashes the process on its float16 attention, in this check and in every later run.
+        raise ExportError(f"{fp32_path.name} is explained at a token tensor (a transformer): --fp16 is not "
+                          "supported for it (ONNX Runtime's CPU optimizer crashes on its float16 attention); "
+                          "export it in float32, or with --int8")
     convert = _float16_converter()
     check_iter = sample_check_frames(check, check_frames)
     model = onnx.ModelProto()
@@ -210,6 +229,7 @@ def convert_fp16(
     note = "float16 (float32 input, outputs and head)"
     info = with_note(info, note)
     write_contract(model, info, weight, bias)
+    keep_token_grid(model, source_model)
 
     inputs = _test_inputs(info, 4)
     reference = cpu_session(fp32_path, "the fp32 model")

@@ -11,7 +11,7 @@ import contextlib
 import io
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +28,12 @@ from .checks import replace_atomically
 from .frames import Sources, as_specs, describe, sample_frames
 from .lowering import (
     check_outputs,
+    describe_kept,
     drop_unused_head_copies,
     fidelity_to_fp32,
     head_nodes,
     keep_metadata,
+    keep_token_grid,
     load_fp32_contract,
     sample_check_frames,
     with_note,
@@ -64,7 +66,8 @@ class QuantReport:
         calibration_sources: the sources those frames came from, as given.
         method: the calibration, a key of :data:`CALIBRATIONS`.
         activation_type: "uint8" or "int8".
-        excluded_nodes: the nodes left in float32 (the head: pooling and the linear layer).
+        excluded_nodes: the nodes left in float32 (the head: pooling and the linear layer; for a graph head
+            also the network after the explained layer and the gradient's nodes).
         fidelity: ``realtime_cam.fidelity.fidelity`` of the int8 model against the fp32 one on the check
             frames, or None when no check set was given.
     """
@@ -130,6 +133,19 @@ class _Inputs(ortq.CalibrationDataReader):
         return {self._name: batch}
 
 
+@contextlib.contextmanager
+def _ort_warnings_off() -> Iterator[None]:
+    """ONNX Runtime's warnings off for the sessions the quantizer makes (a graph head's ``target_class`` is an
+    input with a default, which it warns about on each), errors still shown."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)  # ONNX Runtime's default: warnings
+
+
 def _pass_size(count: int) -> int:
     """The largest divisor of ``count`` up to _FRAMES_PER_PASS (onnxruntime wants passes of equal size)."""
     return max(d for d in range(1, min(count, _FRAMES_PER_PASS) + 1) if count % d == 0)
@@ -147,7 +163,7 @@ def _quantize_graph(
     Returns:
         The quantized model and the names of the nodes left in float32.
     """
-    with tempfile.TemporaryDirectory(prefix="realtime_cam_int8_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="realtime_cam_int8_") as tmp, _ort_warnings_off():
         prepared = Path(tmp) / "prepared.onnx"
         onnx.save(model, str(prepared))
         try:
@@ -155,8 +171,8 @@ def _quantize_graph(
             # folds constants (and any BatchNormalization left in the graph) before ranges are measured.
             ortq.quant_pre_process(str(prepared), str(prepared))
         except Exception as exc:  # noqa: BLE001 - a model it cannot optimise is still quantizable as is
-            log(f"note: onnxruntime's quantization pre-processing failed ({str(exc).splitlines()[0][:200]}); "
-                "quantizing the model as it is")
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            log(f"note: onnxruntime's quantization pre-processing failed ({reason}); quantizing the model as it is")
             onnx.save(model, str(prepared))
         model = onnx.load(str(prepared))
         excluded = _name_nodes(model.graph, head_nodes(model.graph))
@@ -251,8 +267,9 @@ def quantize_int8(
             f"calibrated on {len(inputs)} frames of {described}")
     keep_metadata(model, source_model)
     write_contract(model, with_note(info, note), weight, bias)
+    keep_token_grid(model, source_model)
     replace_atomically(model, output, lambda saved: check_outputs(saved, inputs[:2], weight, bias, "int8"))
-    log(f"wrote {output} ({note}); head {', '.join(excluded)} kept float32")
+    log(f"wrote {output} ({note}); {describe_kept(excluded)}")
 
     result = fidelity_to_fp32(fp32_path, output, check_iter, "int8", log)
     return QuantReport(

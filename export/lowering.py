@@ -17,6 +17,7 @@ from onnx import TensorProto
 
 from realtime_cam.contract import (
     FEATURES,
+    GRADS,
     HEAD_BIAS_COPY,
     HEAD_WEIGHT_COPY,
     LOGITS,
@@ -30,13 +31,16 @@ from realtime_cam.model import CamModel
 
 from .checks import cpu_session, float_tolerance
 from .frames import Sources, sample_frames
+from .token_grid import TOKEN_GRID_KEYS
 
 _QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm", "MatMulInteger",
                   "ConvInteger"}
 
 
-def load_fp32_contract(path: str | os.PathLike) -> tuple[onnx.ModelProto, ModelInfo, np.ndarray, np.ndarray]:
-    """The float32 contract file: the model, its metadata and its head W, b."""
+def load_fp32_contract(path: str | os.PathLike
+                       ) -> tuple[onnx.ModelProto, ModelInfo, np.ndarray | None, np.ndarray | None]:
+    """The float32 contract file: the model, its metadata and its head W, b (None, None for a graph head:
+    one explained with in-graph gradients)."""
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"no model file at {path}")
@@ -48,9 +52,6 @@ def load_fp32_contract(path: str | os.PathLike) -> tuple[onnx.ModelProto, ModelI
     except Exception as exc:  # protobuf DecodeError, OSError, ...: not an ONNX file
         raise ExportError(f"cannot read {path} as an ONNX model ({str(exc).splitlines()[0][:200]})") from None
     _require_float32(model, path.name)
-    if weight is None:
-        raise ExportError(f"{path.name}: --int8 and --fp16 take models with a GAP + linear head for now; this one is "
-                          "explained with in-graph gradients (export it in float32)")
     return model, info, weight, bias
 
 
@@ -65,7 +66,9 @@ def _require_float32(model: onnx.ModelProto, name: str) -> None:
 
 
 def head_nodes(graph: onnx.GraphProto) -> list[int]:
-    """Indices of the nodes between ``features`` and ``logits``: the pooling, glue and the linear layer."""
+    """Indices of the nodes that ``features`` does not depend on, which stay float32: for a GAP + linear head
+    the pooling, glue and the linear layer; for a graph head also the rest of the network after the explained
+    layer and the nodes that compute the gradient."""
     producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
 
     def upstream(tensor: str) -> set[int]:
@@ -78,7 +81,7 @@ def head_nodes(graph: onnx.GraphProto) -> list[int]:
                 stack.extend(name for name in graph.node[i].input if name)
         return nodes
 
-    return sorted(upstream(LOGITS) - upstream(FEATURES))
+    return sorted(set(range(len(graph.node))) - upstream(FEATURES))
 
 
 def drop_unused_head_copies(model: onnx.ModelProto) -> None:
@@ -93,6 +96,20 @@ def drop_unused_head_copies(model: onnx.ModelProto) -> None:
             del model.graph.input[i]
 
 
+def keep_token_grid(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """Give ``model`` (after write_contract) the source's record of the token tensor its map is made from."""
+    keys = {PREFIX + key for key in TOKEN_GRID_KEYS}
+    model.metadata_props.extend(p for p in source.metadata_props if p.key in keys)
+
+
+def describe_kept(kept: list[str]) -> str:
+    """What stayed float32, for the log line: the head's node names, or how many nodes a graph head holds."""
+    if len(kept) <= 6:
+        return f"head {', '.join(kept)} kept float32"
+    return f"the {len(kept)} nodes after the explained layer (the rest of the network, its head and the gradient) " \
+           "kept float32"
+
+
 def keep_metadata(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
     """Give ``model`` the source model's metadata other than the contract's (write_contract adds that)."""
     del model.metadata_props[:]
@@ -105,9 +122,10 @@ def with_note(info: ModelInfo, note: str) -> ModelInfo:
     return dataclasses.replace(info, source=f"{info.source}; {note}" if info.source else note)
 
 
-def check_outputs(path: Path, batches: list[np.ndarray], weight: np.ndarray, bias: np.ndarray,
+def check_outputs(path: Path, batches: list[np.ndarray], weight: np.ndarray | None, bias: np.ndarray | None,
                   what: str) -> list[np.ndarray]:
-    """Check a written file: onnx.checker, float32 ``logits`` and ``features``, and a float head.
+    """Check a written file: onnx.checker, float32 ``logits`` and ``features``, and a float head (W, b explain
+    the logits; for a graph head, W is None: a float32 gradient of the map's shape, finite).
 
     Returns:
         The logits for each batch.
@@ -124,6 +142,14 @@ def check_outputs(path: Path, batches: list[np.ndarray], weight: np.ndarray, bia
     name = session.get_inputs()[0].name
     all_logits = []
     for batch in batches:
+        if weight is None:
+            logits, features, grads = session.run([LOGITS, FEATURES, GRADS], {name: batch})
+            if grads.dtype != np.float32 or grads.shape != features.shape or not np.isfinite(grads).all():
+                raise ExportError(f"the {what} model's gradient is {grads.dtype} {list(grads.shape)}, not a finite "
+                                  f"float32 tensor the map's shape {list(features.shape)}; this is a bug in "
+                                  "realtime-cam")
+            all_logits.append(logits)
+            continue
         logits, features = session.run([LOGITS, FEATURES], {name: batch})
         # The head stayed float32, so the map must explain the logits to float rounding, as in the fp32 file.
         predicted = features.astype(np.float64).mean(axis=(2, 3)) @ weight.T.astype(np.float64) + bias

@@ -119,8 +119,11 @@ def regrid(model: onnx.ModelProto, tokens: str, grid: TokenGrid, shape: Sequence
     return feature_map
 
 
+# The metadata keys record() writes (under the contract's prefix).
+TOKEN_GRID_KEYS = ("features_tokens", "features_layout", "tokens_dropped")
+
+
 def record(model: onnx.ModelProto, tokens: str, grid: TokenGrid) -> None:
     """Metadata: which token tensor the map is made from and how many leading tokens it drops."""
-    for key, value in (("features_tokens", tokens), ("features_layout", grid.layout),
-                       ("tokens_dropped", str(grid.extra))):
+    for key, value in zip(TOKEN_GRID_KEYS, (tokens, grid.layout, str(grid.extra)), strict=True):
         model.metadata_props.add(key=PREFIX + key, value=value)

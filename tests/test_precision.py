@@ -148,6 +148,65 @@ def test_fp16_is_a_contract_file_that_agrees_on_top1(mnv2_fp32, tmp_path):
     assert report.fidelity["map_r_median"] >= 0.999, report.fidelity
 
 
+@pytest.fixture(scope="module")
+def mnv2_graph_fp32(tmp_path_factory) -> Path:
+    """The real MobileNetV2 with a graph head: its map '627' named, so explained with in-graph gradients."""
+    out = tmp_path_factory.mktemp("precision") / "mnv2-graph-fp32.onnx"
+    rewrite_onnx_classifier(shared("models", "mobilenetv2-12-float-from-int8.onnx"), out, features="627", log=quiet)
+    return out
+
+
+def assert_gradient_is_its_float_heads(path: Path, fp32_path: Path) -> None:
+    """The file's in-graph gradient, at its own features, is that of the fp32 file's float head: for GAP + linear,
+    d score_c / d features = W[c] / (h w), whatever the backbone's precision (the head and gradient stayed float32).
+    W is read from the fp32 file's Gemm/MatMul weight."""
+    fp32 = onnx.load(str(fp32_path))
+    weights = [a if a.shape[0] == 1000 else a.T for a in map(numpy_helper.to_array, fp32.graph.initializer)
+               if a.ndim == 2 and 1000 in a.shape]  # [K, C]: the forward's, and any copy the gradient reads
+    assert weights and all(np.array_equal(w, weights[0]) for w in weights)
+    weight = weights[0]
+    model = CamModel(path, device="cpu")
+    assert "cam" not in model.methods and "gradcam" in model.methods
+    frame = cv2.imread(str(shared("images", "skimage_chelsea.png")))
+    outputs = model.run(model.prepare(frame)).row(0)
+    _, h, w = outputs.features.shape
+    class_id = int(np.argmax(outputs.logits))
+    np.testing.assert_allclose(outputs.grads, np.broadcast_to(weight[class_id][:, None, None] / (h * w),
+                                                              outputs.grads.shape), rtol=1e-5, atol=1e-9)
+
+
+@needs_shared
+def test_a_graph_head_quantizes_to_int8_with_its_gradient_kept_float(mnv2_graph_fp32, tmp_path):
+    out = tmp_path / "mnv2-graph-int8.onnx"
+    lines: list[str] = []
+    report = quantize_int8(mnv2_graph_fp32, out, videos(), max_frames=30, check=stills(), log=lines.append)
+    model = onnx.load(str(out))
+    info, weight, _ = read_contract(model)
+    assert weight is None and "int8 QDQ per-channel" in info.source
+    assert [o.name for o in model.graph.output] == [LOGITS, FEATURES, "grads", "grads_class"]
+    assert QDQ <= {node.op_type for node in model.graph.node}
+    kept = set(report.excluded_nodes)
+    assert kept and not any(node.op_type in QDQ for node in model.graph.node if node.name in kept)
+    assert any("the gradient) kept float32" in line for line in lines)
+    assert_gradient_is_its_float_heads(out, mnv2_graph_fp32)
+    assert report.fidelity["top1_agreement_pct"] >= 85.0, report.fidelity  # gradcam maps, as the GAP file's cam
+    assert report.fidelity["map_r_median"] >= 0.98, report.fidelity
+
+
+@needs_shared
+def test_a_graph_head_converts_to_fp16_with_its_gradient_kept_float32(mnv2_graph_fp32, tmp_path):
+    out = tmp_path / "mnv2-graph-fp16.onnx"
+    report = convert_fp16(mnv2_graph_fp32, out, check=[shared("images")], log=quiet)
+    model = onnx.load(str(out))
+    assert read_contract(model)[1] is None
+    assert [o.name for o in model.graph.output] == [LOGITS, FEATURES, "grads", "grads_class"]
+    assert [o.type.tensor_type.elem_type for o in model.graph.output[:3]] == [TensorProto.FLOAT] * 3
+    assert any(i.data_type == TensorProto.FLOAT16 for i in model.graph.initializer)
+    assert_gradient_is_its_float_heads(out, mnv2_graph_fp32)
+    assert report.fidelity["top1_agreement_pct"] == 100.0, report.fidelity
+    assert report.fidelity["map_r_median"] >= 0.999, report.fidelity
+
+
 @needs_shared
 def test_fidelity_of_a_model_with_itself_is_perfect(mnv2_fp32):
     model = CamModel(mnv2_fp32, device="cpu")
