@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .pipeline import DEFAULT_BATCH
     from .providers import DEVICES
     from .temporal import SCALES
-    from .view import KEY_HELP
+    from .view import keys_help_text
 
     fmt = HelpFormatter
     parser = ArgumentParser(  # its subcommands' parsers are of the same class
@@ -78,8 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", formatter_class=fmt,
         help="show the CAM live (webcam, stream, video or image), or write it to a file",
-        description="Classify each frame and draw the class activation map over it.\n\nWindow keys:\n"
-                    + "\n".join(f"  {k:8} {v}" for k, v in KEY_HELP.items()),
+        description="Classify each frame and draw the class activation map over it.\n\n" + keys_help_text(),
     )
     run.add_argument("--model", type=Path, default=None,
                      help=f"realtime-cam model file (default: {default_model_path()}, exported on first use "
@@ -131,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--alpha", type=fraction, default=0.5,
                      help="heatmap weight in the blend: (1-alpha)*frame + alpha*heatmap (+/- change it live)")
     run.add_argument("--snapshot-dir", type=Path, default=Path("realtime-cam-snapshots"),
-                     help="where s (snapshot: PNG + map .npy + JSON) and r (recording) write")
+                     help="where s (snapshot: PNG + map .npy + JSON) and r (recording) write; with several "
+                          "sources, into a folder per stream (00-NAME/, 01-NAME/, ...)")
     _add_collection_options(run)
     from .streams_cli import add_serve_parser, add_stream_options, stream_counts
 

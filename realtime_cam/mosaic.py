@@ -1,4 +1,5 @@
-"""Several streams' overlays in one image: tiles of equal size, each with its stream's label and frame rate."""
+"""Several streams' overlays in one image: tiles of equal size, each with its stream's label and frame rate, and the
+selected one (the one the window's keys act on) marked."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import numpy as np
 from .overlay import draw_text_lines
 
 BACKGROUND = 24  # grey of empty tiles and letterbox bars
+SELECTED_COLOR = (255, 0, 255)  # BGR magenta: the selected tile's border and caption (no colormap's colour)
+SELECTED_BORDER = 4  # pixels, inside the tile
 
 
 @dataclass(frozen=True)
@@ -52,18 +55,38 @@ def tile_caption(tile: Tile) -> str:
     return f"{tile.label}  {tile.fps:.1f} FPS" if tile.fps > 0 else tile.label
 
 
-def mosaic(tiles: Sequence[Tile], tile_wh: tuple[int, int] = (640, 360)) -> np.ndarray:
-    """One image holding every tile, row by row, each ``tile_wh`` with its caption at the bottom left."""
+def tile_cell(index: int, count: int, tile_wh: tuple[int, int] = (640, 360)) -> tuple[int, int, int, int]:
+    """Where tile ``index`` of ``count`` lies in the mosaic: (x0, y0, x1, y1), x1 and y1 excluded."""
+    _, cols = grid_shape(count)
+    r, c = divmod(index, cols)
+    w, h = tile_wh
+    return c * w, r * h, (c + 1) * w, (r + 1) * h
+
+
+def mosaic(tiles: Sequence[Tile], tile_wh: tuple[int, int] = (640, 360), selected: int | None = None) -> np.ndarray:
+    """One image holding every tile, row by row, each ``tile_wh`` with its caption at the bottom left.
+
+    With ``selected`` (a tile's index), each caption starts with the tile's number (the key that selects it)
+    and the selected tile has a magenta border and its caption, in magenta, in brackets: ``[2] name``."""
     rows, cols = grid_shape(len(tiles))
     w, h = tile_wh
     out = np.full((rows * h, cols * w, 3), BACKGROUND, np.uint8)
     for i, tile in enumerate(tiles):
-        r, c = divmod(i, cols)
-        cell = out[r * h:(r + 1) * h, c * w:(c + 1) * w]
+        x0, y0, x1, y1 = tile_cell(i, len(tiles), tile_wh)
+        cell = out[y0:y1, x0:x1]
         if tile.image_bgr is not None:
             cell[:] = fit(tile.image_bgr, tile_wh)
         if tile.ended:
             cell[:] = (cell.astype(np.uint16) // 3).astype(np.uint8)  # dimmed: nothing new comes
-        draw_text_lines(cell, [tile_caption(tile)[:80]], (0, h), anchor="bottom")
-        cv2.rectangle(cell, (0, 0), (w - 1, h - 1), (80, 80, 80), 1)
+        caption, inset = tile_caption(tile), 0
+        if selected is not None:  # numbered, and clear of the selected tile's border
+            caption = f"[{i + 1}] {caption}" if i == selected else f"{i + 1}  {caption}"
+            inset = SELECTED_BORDER
+        color = SELECTED_COLOR if i == selected else (255, 255, 255)
+        draw_text_lines(cell, [caption[:80]], (inset, h - inset), anchor="bottom", color=color)
+        if i == selected:
+            half = SELECTED_BORDER // 2  # a rectangle's thick line is centred on its edge
+            cv2.rectangle(cell, (half, half), (w - 1 - half, h - 1 - half), SELECTED_COLOR, SELECTED_BORDER)
+        else:
+            cv2.rectangle(cell, (0, 0), (w - 1, h - 1), (80, 80, 80), 1)
     return out

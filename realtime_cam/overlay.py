@@ -108,8 +108,9 @@ def text_block(frame_hw: tuple[int, int], lines: Sequence[str], origin_xy: tuple
 
 
 def draw_text_lines(image: np.ndarray, lines: Sequence[str], origin_xy: tuple[int, int] = (0, 0),
-                    anchor: str = "top", right_aligned: bool = False) -> Rect | None:
-    """Draw white lines of text on a dark box, in place; returns the box (None for no lines).
+                    anchor: str = "top", right_aligned: bool = False,
+                    color: tuple[int, int, int] = (255, 255, 255)) -> Rect | None:
+    """Draw lines of text (white, or ``color``, BGR) on a dark box, in place; returns the box (None for no lines).
 
     Args:
         origin_xy: the box's top-left corner (anchor "top") or bottom-left corner (anchor "bottom"); with
@@ -126,8 +127,7 @@ def draw_text_lines(image: np.ndarray, lines: Sequence[str], origin_xy: tuple[in
     roi[:] = (roi * 0.35).astype(np.uint8)
     for i, line in enumerate(block.lines):
         y = y0 + block.pad + block.line_h + i * block.step
-        cv2.putText(image, line, (x0 + block.pad, y), FONT, block.scale, (255, 255, 255), block.thickness,
-                    cv2.LINE_AA)
+        cv2.putText(image, line, (x0 + block.pad, y), FONT, block.scale, color, block.thickness, cv2.LINE_AA)
     return block.rect
 
 

@@ -58,6 +58,8 @@ class RunOptions:
         batch: frames a headless run on a file sends through the network at once (fewer, larger inference
             calls: more frames per second from the same cores); a model with a fixed batch size takes what
             it can. Live sources and windowed runs go one frame at a time, so that nothing waits for frames.
+        key_help: the keys ``h`` lists on the overlay, as (keys, what they do); the mosaic of several streams
+            lists its own (``view.MOSAIC_KEY_HELP``).
     """
 
     view: ViewState = ViewState()
@@ -71,6 +73,7 @@ class RunOptions:
     pace_fps: float = 0.0
     live_source: bool = False
     batch: int = DEFAULT_BATCH
+    key_help: tuple[tuple[str, str], ...] = tuple(KEY_HELP.items())
 
 
 @dataclass(frozen=True)
@@ -119,11 +122,13 @@ class StreamState:
 
 @dataclass(frozen=True, eq=False)
 class Shown:
-    """What one step put on screen: the overlay, the prediction it shows, and the box drawn (or None)."""
+    """What one step put on screen: the overlay, the prediction it shows, the box drawn (or None), and the frame
+    it was drawn on (a snapshot's frame index)."""
 
     overlay: np.ndarray
     prediction: Prediction
     box_xyxy: tuple[float, float, float, float] | None
+    frame: Frame | None = None
 
 
 def explain_frame(model: CamModel, logits: np.ndarray, features_chw: np.ndarray, view: ViewState,
@@ -153,7 +158,7 @@ def step(model: CamModel, frame: Frame, out: Outputs, view: ViewState, options: 
     t1 = time.perf_counter()
     h, w = frame.image_bgr.shape[:2]
     box = cam_box(prediction.cam, (w, h), options.box_threshold) if view.show_box else None
-    help_lines = [f"{k}: {v}" for k, v in KEY_HELP.items()] if view.show_help else ()
+    help_lines = [f"{k}: {v}" for k, v in options.key_help] if view.show_help else ()
     style = OverlayStyle(alpha=view.alpha, colormap=options.colormap)
     if model.info.random_weights:  # a map from random weights must never pass for an explanation
         hud = [*hud, "random weights"]
@@ -170,7 +175,7 @@ def step(model: CamModel, frame: Frame, out: Outputs, view: ViewState, options: 
         state, temporal=temporal, previous_map=prediction.cam, last=prediction,
         flicker_sum=state.flicker_sum + (change or 0.0), flicker_count=state.flicker_count + (change is not None),
     )
-    return Shown(overlay, prediction, box), new_state
+    return Shown(overlay, prediction, box, frame), new_state
 
 
 def run_loop(

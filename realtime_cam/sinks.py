@@ -317,7 +317,8 @@ class ImageFileSink(Sink):
 
 class SnapshotSink(Sink):
     """What the window's ``s`` and ``r`` write into the snapshot folder: snapshots (overlay PNG, raw map
-    ``.npy``, JSON) and recordings, which take every frame written while one is on."""
+    ``.npy``, JSON) and recordings, which take every frame written while one is on. A recording may be
+    started or stopped in one thread while another writes frames (the mosaic of several streams)."""
 
     def __init__(self, folder: Path, fps: float, real_time: bool = False) -> None:
         self.folder = folder
@@ -325,6 +326,7 @@ class SnapshotSink(Sink):
         self.real_time = real_time
         self.written: list[Path] = []
         self.video: VideoFileSink | None = None
+        self._lock = threading.Lock()
 
     def _stem(self, kind: str, index: int) -> Path:
         try:
@@ -350,16 +352,20 @@ class SnapshotSink(Sink):
             return
         h, w = frame.image_bgr.shape[:2]
         path = self._stem("recording", frame.index).with_suffix(".mp4")
-        self.video = VideoFileSink(path, self.fps, (w, h), real_time=self.real_time)
+        video = VideoFileSink(path, self.fps, (w, h), real_time=self.real_time)
+        with self._lock:
+            self.video = video
         self.written.append(path)
 
     def write(self, image_bgr: np.ndarray) -> None:
-        if self.video is not None:
-            self.video.write(image_bgr)
+        with self._lock:
+            if self.video is not None:
+                self.video.write(image_bgr)
 
     def close(self) -> None:
-        if self.video is not None:
+        with self._lock:
             video, self.video = self.video, None
+        if video is not None:
             video.close()
 
 

@@ -192,10 +192,11 @@ def _run_streams(args: argparse.Namespace, specs: Sequence[str], names: Sequence
                  sinks_by_stream: list[list]):
     """The multi-stream run itself, until every stream ends or the window is quit; returns the loop and how it
     stopped. The recordings are closed (finalised) when it returns or raises."""
-    from .mosaic import Tile, mosaic
-    from .sinks import WindowSink, check_not_an_input, open_file_sink
+    from dataclasses import replace
+
+    from .sinks import SnapshotSink, WindowSink, check_not_an_input, open_file_sink
     from .streams import MultiStream
-    from .view import QUIT, ViewState, handle_key
+    from .view import MOSAIC_KEY_HELP
 
     stopped = "end"
     with contextlib.ExitStack() as stack:
@@ -206,28 +207,59 @@ def _run_streams(args: argparse.Namespace, specs: Sequence[str], names: Sequence
                 sinks_by_stream.append([stack.enter_context(
                     open_file_sink(path, source.fps or 25.0, source.size_wh, source.kind, True))])
         window = None if args.no_display else stack.enter_context(WindowSink(f"realtime-cam: {len(specs)} streams"))
-        multi = stack.enter_context(MultiStream(model, sources, names, options, sinks_by_stream or None,
+        snapshots: list[SnapshotSink] = []
+        if window is not None:  # s and r of each stream, each into a folder of its own
+            options = replace(options, key_help=tuple(MOSAIC_KEY_HELP.items()))
+            snapshots = [stack.enter_context(SnapshotSink(path.with_suffix(""), source.fps or 30.0,
+                                                          real_time=options.live_source))
+                         for path, source in zip(recording_paths(args.snapshot_dir, names), sources)]
+        outputs = [[*(sinks_by_stream[i] if sinks_by_stream else ()), *snapshots[i:i + 1]] for i in range(len(sources))]
+        multi = stack.enter_context(MultiStream(model, sources, names, options, outputs,
                                                 args.batch_timeout_ms / 1000.0))
         log.info("%d streams, batched (at most %d per inference call)%s", len(sources), multi.max_batch,
-                 "" if window is None else "; q or Esc quits")
+                 "" if window is None else "; in the window 1-9 or Tab select a stream, the single view's keys act "
+                 "on it (h lists them), q or Esc quits")
         try:
-            while not multi.done:
-                if window is None:
-                    multi.wait(0.2)
-                    continue
-                tiles = [Tile(s.shown.overlay if s.shown else None, s.name, s.rate.shown, s.slot.ended, s.slot.error)
-                         for s in multi.streams]
-                window.write(mosaic(tiles))
-                if handle_key(ViewState(), window.last_key, None)[1] == QUIT:
-                    stopped = "quit"
-                    break
-                if window.closed:
-                    stopped = "window-closed"
-                    break
-                time.sleep(MOSAIC_REFRESH_S)
+            if window is not None:
+                stopped = _serve_mosaic(window, multi, snapshots)
+            else:
+                while not multi.wait(0.2):
+                    pass
         finally:
             multi.close()  # before the recordings close: no frame is written into a closed file
+    for path in (path for sink in snapshots for path in sink.written):  # complete now: every sink is closed
+        log.info("saved %s", path)
     return multi, stopped
+
+
+def _serve_mosaic(window, multi, snapshots: Sequence) -> str:
+    """Show the mosaic and act on its keys until a key or the window stops the run ("quit", "window-closed"),
+    or every stream ends ("end"). Keys other than the selection's act on the selected stream's view through
+    ``Stream.set_view``, the path the web page's controls take."""
+    from .mosaic import Tile, mosaic
+    from .view import QUIT, RECORD, SNAPSHOT, mosaic_key
+
+    selected = 0
+    while not multi.done:
+        tiles = [Tile(s.shown.overlay if s.shown else None, s.name, s.rate.shown, s.slot.ended, s.slot.error)
+                 for s in multi.streams]
+        window.write(mosaic(tiles, selected=selected))
+        stream = multi.streams[selected]
+        shown = stream.shown
+        selected, changes, action = mosaic_key([s.view for s in multi.streams], selected, window.last_key,
+                                               shown.prediction.class_id if shown else None, multi.model.methods)
+        if changes:
+            stream.set_view(**changes)
+        if action == QUIT:
+            return "quit"
+        if action == SNAPSHOT and shown is not None:
+            snapshots[stream.id].snapshot(shown.overlay, shown.frame, shown.prediction, shown.box_xyxy)
+        elif action == RECORD and shown is not None:
+            snapshots[stream.id].toggle_recording(shown.frame)
+        if window.closed:
+            return "window-closed"
+        time.sleep(MOSAIC_REFRESH_S)
+    return "end"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

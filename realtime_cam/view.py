@@ -7,11 +7,12 @@ from the command line, so every live option also works on video files.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 
 from .cams import METHODS
 
+KEY_TAB = 9
 KEY_ESC = 27
 KEY_SPACE = 32
 
@@ -27,6 +28,14 @@ KEY_HELP: dict[str, str] = {
     "s": "snapshot (PNG + map .npy + JSON)",
     "r": "start / stop recording",
     "h": "this help",
+}
+
+# The mosaic of several streams (``run`` with several sources) adds these; every key of KEY_HELP but q/Esc acts on
+# the selected stream (see mosaic_key below).
+MOSAIC_KEY_HELP: dict[str, str] = {
+    "1-9": "select that stream (magenta border)",
+    "Tab": "select the next stream",
+    **KEY_HELP,
 }
 
 QUIT, SNAPSHOT, RECORD = "quit", "snapshot", "record"
@@ -55,6 +64,13 @@ class ViewState:
     alpha: float = 0.5
     paused: bool = False
     show_help: bool = False
+
+
+def keys_help_text() -> str:
+    """The window's keys for ``run --help``: the single view's, then those the mosaic of several streams adds."""
+    lines = ["Window keys:", *(f"  {k:8} {v}" for k, v in KEY_HELP.items()), "",
+             "With several sources the window is a mosaic, and the keys above act on the selected stream:"]
+    return "\n".join(lines + [f"  {k:8} {v}" for k, v in MOSAIC_KEY_HELP.items() if k not in KEY_HELP])
 
 
 def handle_key(state: ViewState, key: int, current_class: int | None,
@@ -96,3 +112,37 @@ def handle_key(state: ViewState, key: int, current_class: int | None,
     if ch == "r":
         return state, RECORD
     return state, None
+
+
+def view_changes(old: ViewState, new: ViewState) -> dict[str, object]:
+    """The fields ``new`` changes from ``old`` (what ``Stream.set_view`` takes)."""
+    return {f.name: getattr(new, f.name) for f in fields(ViewState) if getattr(new, f.name) != getattr(old, f.name)}
+
+
+def select_key(selected: int, key: int, count: int) -> int | None:
+    """The stream a mosaic key selects among ``count``: 1-9 that stream (when there is one), Tab the one after
+    ``selected`` (round); None for any other key."""
+    if key == KEY_TAB:
+        return (selected + 1) % max(1, count)
+    if ord("1") <= key <= ord("9"):
+        index = key - ord("1")
+        return index if index < count else selected
+    return None
+
+
+def mosaic_key(views: Sequence[ViewState], selected: int, key: int, current_class: int | None,
+               methods: Sequence[str] = tuple(METHODS)) -> tuple[int, Mapping[str, object], str | None]:
+    """A key in the mosaic: (the stream selected after it, the changes to that stream's view, the action for
+    it). Selection keys (see :func:`select_key`) change no view; every other key is :func:`handle_key` on
+    the selected stream's view, exactly as in the single-stream window.
+
+    Args:
+        views: every stream's view, in tile order.
+        current_class: the class explained on the selected stream's tile (what ``c`` pins).
+    """
+    chosen = select_key(selected, key, len(views))
+    if chosen is not None:
+        return chosen, {}, None
+    view = views[selected]
+    new, action = handle_key(view, key, current_class, methods)
+    return selected, view_changes(view, new), action

@@ -2,6 +2,7 @@
 stream that dies or fails leaves the others running, each stream's own view; the mosaic; `run` with several
 sources."""
 
+import itertools
 import json
 import logging
 import signal
@@ -20,10 +21,23 @@ from test_window import display, needs_x, press, screenshot, wait_for_window  # 
 
 from realtime_cam.cli import main
 from realtime_cam.model import CamModel
-from realtime_cam.mosaic import Tile, grid_shape, mosaic
+from realtime_cam.mosaic import SELECTED_COLOR, Tile, grid_shape, mosaic, tile_cell
 from realtime_cam.sinks import Sink
 from realtime_cam.streams import LiveFile, MultiStream, open_live, read_source_list, stream_name
-from realtime_cam.streams_cli import stream_specs
+from realtime_cam.streams_cli import _serve_mosaic, stream_specs
+from realtime_cam.view import (
+    KEY_ESC,
+    KEY_HELP,
+    KEY_TAB,
+    MOSAIC_KEY_HELP,
+    QUIT,
+    SNAPSHOT,
+    ViewState,
+    handle_key,
+    keys_help_text,
+    mosaic_key,
+    select_key,
+)
 
 BOTTLE, CAR, PEOPLE = ("videos", "bottle-detection.mp4"), ("videos", "car-detection.mp4"), ("videos", "vtest.avi")
 
@@ -169,6 +183,108 @@ def test_mosaic_tiles_labels_and_ended_streams():
     assert image[270, 480, 2] < 100  # d: dimmed, it has ended
 
 
+def _is_selected_colour(pixels):
+    return np.all(pixels == SELECTED_COLOR, axis=-1)
+
+
+def test_mosaic_marks_the_selected_tile_with_a_border_and_its_caption():
+    grey = np.full((90, 160, 3), 128, np.uint8)
+    tiles = [Tile(grey, "a", 25.0), Tile(grey, "b", 12.0), Tile(grey, "c")]
+    for selected in range(3):
+        image = mosaic(tiles, tile_wh=(320, 180), selected=selected)
+        for i in range(3):
+            x0, y0, x1, y1 = tile_cell(i, 3, (320, 180))
+            cell = image[y0:y1, x0:x1]
+            edges = [cell[1, 40:280], cell[-2, 200:280], cell[20:160, 1], cell[20:160, -2]]  # top, bottom, sides
+            border = all(_is_selected_colour(edge).all() for edge in edges)
+            text = cell[140:172, 6:120].astype(int)  # the caption's box, inside the border
+            caption = ((text[..., 0] > 120) & (text[..., 2] > 120) & (text[..., 1] < 60)).sum()  # magenta-ish
+            inside = cell[20:120, 20:300]
+            assert border == (i == selected), (selected, i)
+            assert (caption > 20) == (i == selected), (selected, i, caption)  # its text is magenta too
+            assert (inside == 128).all()  # the frame itself is not drawn on
+    plain = mosaic(tiles, tile_wh=(320, 180))  # nothing selected (as before): no mark anywhere
+    assert not _is_selected_colour(plain).any()
+
+
+def test_mosaic_keys_select_a_stream_and_act_on_its_view_only():
+    views = [ViewState(), ViewState(method="gradcam"), ViewState()]
+    methods = ("cam", "gradcam", "layercam")
+    # Digits select that stream (a digit past the last stream keeps the selection), Tab the next, round.
+    assert mosaic_key(views, 0, ord("2"), 7, methods) == (1, {}, None)
+    assert mosaic_key(views, 1, ord("9"), 7, methods) == (1, {}, None)
+    assert [select_key(i, KEY_TAB, 3) for i in range(3)] == [1, 2, 0]
+    assert select_key(0, ord("m"), 3) is None
+    # Any other key is the single view's, on the selected stream's view: the changes only, for set_view.
+    assert mosaic_key(views, 1, ord("m"), 7, methods) == (1, {"method": "layercam"}, None)
+    assert mosaic_key(views, 0, ord("m"), 7, methods) == (0, {"method": "gradcam"}, None)
+    assert mosaic_key(views, 2, ord("c"), 7, methods) == (2, {"pinned_class": 7}, None)
+    assert mosaic_key(views, 2, ord(" "), 7, methods) == (2, {"paused": True}, None)
+    assert mosaic_key(views, 2, ord("+"), 7, methods) == (2, {"alpha": 0.6}, None)
+    assert mosaic_key(views, 1, ord("b"), 7, methods) == (1, {"show_box": True}, None)
+    assert mosaic_key(views, 1, ord("s"), 7, methods) == (1, {}, SNAPSHOT)
+    assert mosaic_key(views, 2, ord("q"), 7, methods) == (2, {}, QUIT)
+    assert mosaic_key(views, 0, KEY_ESC, 7, methods) == (0, {}, QUIT)
+    assert mosaic_key(views, 0, -1, 7, methods) == (0, {}, None)
+    # The selection keys are free in the single view: they never meant anything else.
+    for key in [KEY_TAB, *range(ord("1"), ord("9") + 1)]:
+        assert handle_key(ViewState(), key, 7, methods) == (ViewState(), None)
+    # run --help (and h in the mosaic, MOSAIC_KEY_HELP) list them after the single view's keys.
+    text = keys_help_text()
+    assert text.index("q / Esc") < text.index("1-9      select") < text.index("Tab      select the next")
+    assert list(MOSAIC_KEY_HELP)[:2] == ["1-9", "Tab"] and set(KEY_HELP) < set(MOSAIC_KEY_HELP)
+
+
+class ScriptedWindow:
+    """The mosaic loop's window, without a display: it records what it is shown and, once every stream has
+    shown a frame, gives one key of the script per refresh (waiting for ``until`` before a key that has one).
+    It closes itself after ``timeout`` seconds: a key that never takes effect fails the test, never hangs it."""
+
+    def __init__(self, multi, script, timeout=30.0):
+        self.multi, self.script, self.shown, self.last_key, self.closed = multi, list(script), [], -1, False
+        self.deadline = time.monotonic() + timeout
+
+    def write(self, image):
+        self.shown.append(image)
+        self.last_key = -1
+        self.closed = time.monotonic() > self.deadline
+        if all(s.shown is not None for s in self.multi.streams) and self.script:
+            key, until = self.script[0]
+            if until is None or until():
+                self.script.pop(0)
+                self.last_key = key
+
+
+@needs_shared
+def test_the_mosaic_loop_acts_on_the_selected_stream(tiny_model, tmp_path):
+    from realtime_cam.sinks import SnapshotSink
+
+    sources = [open_live(str(shared(*BOTTLE)), loop=True), open_live(str(shared(*CAR)), loop=True)]
+    snaps = [SnapshotSink(tmp_path / "one", 25.0), SnapshotSink(tmp_path / "two", 25.0)]
+    with MultiStream(tiny_model, sources, sinks=[[snaps[0]], [snaps[1]]]) as multi:
+        one, two = multi.streams
+        changed = tiny_model.methods[1]
+        window = ScriptedWindow(multi, [
+            (ord("2"), None), (ord("m"), None),
+            (ord("s"), lambda: two.shown.prediction.method == changed),  # a frame drawn with the new method
+            (KEY_TAB, None), (ord("b"), None), (ord("q"), None)])
+        stopped = _serve_mosaic(window, multi, snaps)
+    assert stopped == "quit" and not window.script
+    assert two.view.method == changed and one.view.method == "cam"  # stream 2's method, not stream 1's
+    assert one.view.show_box and not two.view.show_box  # Tab went round to stream 1
+    saved = list((tmp_path / "two").glob("snapshot-*.json"))
+    assert len(saved) == 1 and not (tmp_path / "one").exists()  # the selected stream's snapshot
+    assert json.loads(saved[0].read_text())["method"] == changed
+    assert saved[0].with_suffix(".png").is_file() and saved[0].with_suffix(".npy").is_file()
+    # The window showed the border on tile 1, then 2, then 1 again.
+    assert [k for k, _ in itertools.groupby(marked_tiles(image) for image in window.shown)] == [[0], [1], [0]]
+
+
+def marked_tiles(image, tiles=2, tile_w=640):
+    """The tiles of a row of the mosaic whose top edge has the selection's border."""
+    return [i for i in range(tiles) if _is_selected_colour(image[2, i * tile_w + 100:(i + 1) * tile_w - 100]).all()]
+
+
 @needs_shared
 def test_run_with_two_sources_writes_one_recording_per_stream(tmp_path, tiny_onnx, capsys):
     out = tmp_path / "recordings"
@@ -209,16 +325,31 @@ def test_one_source_keeps_the_single_stream_path(monkeypatch, tiny_onnx, tmp_pat
 
 @needs_x
 @needs_shared
-def test_the_window_shows_a_mosaic_of_the_streams_and_q_quits(display, tiny_onnx, tmp_path):  # noqa: F811
+def test_the_window_shows_a_mosaic_its_keys_act_on_the_selected_stream_and_q_quits(display, tiny_onnx,  # noqa: F811
+                                                                                    tmp_path):
+    snaps = tmp_path / "snaps"
     proc = subprocess.Popen([sys.executable, "-m", "realtime_cam", "run", "--model", str(tiny_onnx), "--loop",
-                             "--source", str(shared(*BOTTLE)), "--source", str(shared(*CAR))],
+                             "--source", str(shared(*BOTTLE)), "--source", str(shared(*CAR)),
+                             "--snapshot-dir", str(snaps)],
                             env=display, stderr=subprocess.PIPE, text=True)
+    one, two = snaps / "00-bottle-detection", snaps / "01-car-detection"
     try:
         window = wait_for_window(display, "realtime-cam: 2 streams")
         time.sleep(1.5)  # let the tiles paint
         shot = screenshot(display, tmp_path / "shot.png")
         geometry = subprocess.run(["xdotool", "getwindowgeometry", window], env=display, capture_output=True,
                                   text=True).stdout
+        assert marked_tiles(shot) == [0]  # stream 1 is selected at the start
+        press(display, window, "2")
+        wait_until(lambda: marked_tiles(screenshot(display, tmp_path / "shot2.png")) == [1], what="tile 2 marked")
+        press(display, window, "m")  # stream 2's method
+        time.sleep(1.0)  # the window reads one key per refresh: the next one must not come first
+        press(display, window, "s")
+        wait_until(lambda: list(two.glob("snapshot-*.json")), what="stream 2's snapshot")
+        press(display, window, "Tab")  # round to stream 1
+        wait_until(lambda: marked_tiles(screenshot(display, tmp_path / "shot3.png")) == [0], what="tile 1 marked")
+        press(display, window, "s")
+        wait_until(lambda: list(one.glob("snapshot-*.json")), what="stream 1's snapshot")
         press(display, window, "q")
         _, err = proc.communicate(timeout=30)
     finally:
@@ -230,6 +361,11 @@ def test_the_window_shows_a_mosaic_of_the_streams_and_q_quits(display, tiny_onnx
     for tile in (hsv[:, :640], hsv[:, 640:]):  # a heatmap in each tile
         assert ((tile[..., 1] > 150) & (tile[..., 2] > 80)).mean() > 0.2
     assert "bottle-detection.mp4:" in err and "car-detection.mp4:" in err
+    (snap_two,), (snap_one,) = two.glob("snapshot-*.json"), one.glob("snapshot-*.json")
+    changed = CamModel(tiny_onnx, device="cpu").methods[1]
+    assert json.loads(snap_two.read_text())["method"] == changed  # m changed stream 2's method
+    assert json.loads(snap_one.read_text())["method"] == "cam"  # and not stream 1's
+    assert f"saved {snap_two.with_suffix('.png')}" in err and f"saved {snap_one.with_suffix('.png')}" in err
 
 
 @needs_shared
