@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -56,10 +57,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if address:
         check_reachable(address)
     try:
-        if address:
-            ray.init(address=address, **quiet)
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+        with _native_stderr_off():
+            if address:
+                ray.init(address=address, **quiet)
+            else:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -68,6 +70,23 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield ray
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _native_stderr_off() -> Iterator[None]:
+    """The process's stderr (file descriptor 2) to /dev/null for the block: Ray's C++ side prints, as it starts,
+    that it took its log level from RAY_BACKEND_LOG_LEVEL, on every run. A failure to start still reaches us
+    as a Python exception, said in one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.close(null)
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def check_reachable(address: str, timeout_s: float = 3.0) -> None:
