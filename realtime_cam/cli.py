@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-seed", action="store_true", help="skip the PyTorch seed-approach baseline")
     bench.add_argument("--collection", default=None, metavar="DIR",
                        help="instead: files and frames per second over this collection (a folder, 'GLOB' or "
-                            "LIST.txt) in-process, on Ray with 1 worker and with --workers, and Ray's overhead per file")
+                            "LIST.txt) in-process, on Ray with 1 worker (holding every CPU, then one CPU) and with "
+                            "--workers, and Ray's overhead per file")
     bench.add_argument("--workers", type=positive_int, default=None, metavar="N",
                        help="--collection: the Ray workers of the many-worker run (default: one per CPU)")
     bench.add_argument("--streams", type=stream_counts, default=None, metavar="N,N,...",
