@@ -136,14 +136,22 @@ class _Inputs(ortq.CalibrationDataReader):
 @contextlib.contextmanager
 def _ort_warnings_off() -> Iterator[None]:
     """ONNX Runtime's warnings off for the sessions the quantizer makes (a graph head's ``target_class`` is an
-    input with a default, which it warns about on each), errors still shown."""
+    input with a default, which it warns about on each), errors still shown; and Python's root logger as it
+    was after: the quantizer's module-level ``logging.warning`` gives it a handler, through which every later
+    line of ours was printed a second time ("INFO:realtime_cam:wrote ...")."""
+    import logging
+
     import onnxruntime as ort
 
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     ort.set_default_logger_severity(3)
     try:
         yield
     finally:
         ort.set_default_logger_severity(2)  # ONNX Runtime's default: warnings
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def _pass_size(count: int) -> int:

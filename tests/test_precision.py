@@ -208,6 +208,26 @@ def test_a_graph_head_converts_to_fp16_with_its_gradient_kept_float32(mnv2_graph
 
 
 @needs_shared
+def test_the_quantizers_own_logging_leaves_no_handler_that_prints_our_lines_twice(mnv2_fp32, tmp_path, monkeypatch):
+    """onnxruntime's quantizer logs through the root logger on some models (convnext_tiny): with no handler there
+    yet, logging gives it one, and every later line of realtime-cam's logger was printed twice."""
+    import logging
+
+    from realtime_cam.export import int8
+
+    real = int8.ortq.quantize_static
+
+    def noisy(*args, **kwargs):
+        logging.warning("a note from the quantizer")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(int8.ortq, "quantize_static", noisy)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in the command: nothing on the root logger
+    quantize_int8(mnv2_fp32, tmp_path / "q.onnx", [shared("images")], max_frames=2, log=quiet)
+    assert logging.getLogger().handlers == []
+
+
+@needs_shared
 def test_fidelity_of_a_model_with_itself_is_perfect(mnv2_fp32):
     model = CamModel(mnv2_fp32, device="cpu")
     frames = [cv2.imread(str(shared("images", name))) for name in ("skimage_chelsea.png", "darknet_dog.jpg")]
