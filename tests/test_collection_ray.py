@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from collection_media import decoded, partials, write_clip
-from conftest import ROOT, shared
+from conftest import ROOT, needs_shared, shared
 
 from realtime_cam.cli import build_parser, cmd_evaluate, main
 from realtime_cam.collection import discover
@@ -208,3 +208,44 @@ def test_the_embedded_ray_leaves_no_process_behind(tiny_onnx, tmp_path):
         assert not left, f"processes of the command's Ray still running: {left}"
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@needs_shared
+def test_ctrl_c_during_evaluate_on_ray_writes_what_was_scored_marked_partial(mnv2_int8_onnx, tmp_path):
+    """As in-process (test_evaluate_faults): the rows whose images came back before Ctrl-C are reported, marked
+    partial, exit 130; it used to end with no report."""
+    import shutil
+    import tempfile
+
+    source = shared("imagenet-val-20")
+    rows = (source / "annotations.csv").read_text().splitlines()
+    folder = tmp_path / "images"  # the 20 images 8 times over under other names: 160 Ray tasks, time to stop
+    folder.mkdir()
+    many = [rows[0]]
+    for k in range(8):
+        for name in sorted({row.split(",")[0] for row in rows[1:]}):
+            (folder / f"{k}-{name}").symlink_to(source / name)
+        many += [f"{k}-{row}" for row in rows[1:]]
+    csv = tmp_path / "many.csv"
+    csv.write_text("\n".join(many) + "\n")
+    out, overlays = tmp_path / "r.json", tmp_path / "overlays"
+    ray_tmp = tempfile.mkdtemp(prefix="rcray", dir="/tmp")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "realtime_cam", "evaluate", "--model", str(mnv2_int8_onnx), "--images",
+             str(folder), "--boxes", str(csv), "--device", "cpu", "--json", str(out), "--save-dir", str(overlays),
+             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": ray_tmp})
+        deadline = time.monotonic() + 180
+        while not (overlays.is_dir() and len(list(overlays.iterdir())) >= 10) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # their results reach the command
+        os.kill(proc.pid, signal.SIGINT)
+        stdout, err = proc.communicate(timeout=120)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["partial"] is True and 0 < doc["images"] < 160
+    assert f"wrote {out} (partial: interrupted)" in err
+    assert "interrupted: these figures cover only the" in stdout

@@ -64,4 +64,4 @@ def test_ctrl_c_during_evaluate_writes_what_was_scored_marked_partial(mnv2_int8_
     doc = json.loads(out.read_text())
     assert doc["partial"] is True and 0 < doc["images"] < 20 * 200
     assert f"wrote {out} (partial: interrupted)" in err
-    assert "interrupted: these figures cover the first" in stdout
+    assert "interrupted: these figures cover only the" in stdout

@@ -121,6 +121,7 @@ def ray_runner(workers: int | None = None, ray_address: str | None = None) -> Ca
                                      override_num_blocks=len(tasks))
             ds = ds.map_batches(worker, batch_size=1, num_cpus=cpus,
                                 compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1))
+            interrupted: BaseException | None = None
             try:
                 for row in ds.iter_rows():
                     for index, status, value in pickle.loads(row["out"]):
@@ -130,12 +131,18 @@ def ray_runner(workers: int | None = None, ray_address: str | None = None) -> Ca
                     if bar is not None and len(outcomes) < len(truths):
                         elapsed = time.perf_counter() - start
                         bar.update(len(outcomes), len(outcomes) / elapsed if elapsed > 0 else 0.0)
-            except (CamError, KeyboardInterrupt):
+            except CamError:
                 raise
+            except KeyboardInterrupt as exc:  # as in-process: the rows scored so far are reported, marked partial
+                if not any(status == "ok" for status, _ in outcomes.values()):
+                    raise
+                interrupted = exc
             except Exception as exc:  # a bug in a worker, a node lost for good
                 raise CamError(f"a Ray worker failed: {worker_error(exc)}") from None
         results, left_out = [], {"outside crop": [], "outside image": []}
         for index, gt in enumerate(truths):
+            if index not in outcomes:  # not scored before Ctrl-C
+                continue
             status, value = outcomes[index]
             if status == "left":
                 left_out[value].append((gt.file, gt.class_id))
@@ -143,6 +150,6 @@ def ray_runner(workers: int | None = None, ray_address: str | None = None) -> Ca
                 results.append(value)
                 if on_image is not None:
                     on_image(value)
-        return results, left_out, None
+        return results, left_out, interrupted
 
     return run

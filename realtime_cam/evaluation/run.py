@@ -390,7 +390,7 @@ def format_table(report: EvalReport) -> str:
         lines.append(f"({len(report.outside_image)} (image, class) row(s) left out: every box of the class lies "
                      f"outside its image, check the annotation: {files}{more})")
     if report.interrupted is not None:
-        lines.append(f"(interrupted: these figures cover the first {s.images} scored row(s) only)")
+        lines.append(f"(interrupted: these figures cover only the {s.images} row(s) scored before it stopped)")
     if s.top1_ties:
         lines.append(f"({s.top1_ties} image(s) had a tie for the highest logit: ranked by class id)")
     return "\n".join(lines)
