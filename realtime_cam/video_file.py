@@ -131,9 +131,11 @@ class VideoFileReader:
                         self.path, self.damaged)
         if cut is not None:
             stated = self._container.duration
+            where = f" at {self._last_time:.1f} s" if self._last_time is not None else ""
+            if where and stated:
+                where += f" of the {stated / 1e6:.1f} s it states"
             log.warning("%s: the video ends early (%s)%s; the %d frame(s) read were explained", self.path,
-                        _reason(cut), f" at {self._last_time or 0.0:.1f} s of the {stated / 1e6:.1f} s it states"
-                        if stated else "", self._index)
+                        _reason(cut), where, self._index)
 
     def read(self) -> tuple[np.ndarray, float | None] | None:
         """The next frame as BGR and its presentation time in seconds; None at the end of the file."""
