@@ -277,7 +277,7 @@ def quantize_int8(
     write_contract(model, with_note(info, note), weight, bias)
     keep_token_grid(model, source_model)
     replace_atomically(model, output, lambda saved: check_outputs(saved, inputs[:2], weight, bias, "int8"))
-    log(f"wrote {output} ({note}); {describe_kept(excluded)}")
+    log(f"wrote {output} ({note}); {describe_kept(excluded, graph_head=weight is None)}")
 
     result = fidelity_to_fp32(fp32_path, output, check_iter, "int8", log)
     return QuantReport(

@@ -102,9 +102,10 @@ def keep_token_grid(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
     model.metadata_props.extend(p for p in source.metadata_props if p.key in keys)
 
 
-def describe_kept(kept: list[str]) -> str:
-    """What stayed float32, for the log line: the head's node names, or how many nodes a graph head holds."""
-    if len(kept) <= 6:
+def describe_kept(kept: list[str], graph_head: bool) -> str:
+    """What stayed float32, for the log line: a linear head's node names, or how many nodes a graph head (one
+    explained with in-graph gradients) keeps."""
+    if not graph_head:
         return f"head {', '.join(kept)} kept float32"
     return f"the {len(kept)} nodes after the explained layer (the rest of the network, its head and the gradient) " \
            "kept float32"
