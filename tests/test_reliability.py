@@ -402,6 +402,22 @@ def test_ctrl_c_on_a_stalled_stream_ends_the_run_at_once(mnv2_int8_onnx):
     assert waited < 6.0, f"took {waited:.1f} s to stop"  # it took 10.2 s: two 5 s joins in turn
 
 
+def run_served_video(handler, model, out) -> subprocess.CompletedProcess:
+    """`realtime-cam run --source http://127.0.0.1:PORT/vtest.avi --output OUT` against an HTTP server on
+    loopback answering with ``handler``, stopped after."""
+    import http.server
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        return subprocess.run([sys.executable, "-m", "realtime_cam", "run", "--model", str(model), "--source",
+                               f"http://127.0.0.1:{httpd.server_address[1]}/vtest.avi", "--output", str(out),
+                               "--no-display"], capture_output=True, text=True, timeout=240)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 @needs_shared
 def test_a_download_broken_off_says_so_and_keeps_every_frame_it_read(mnv2_int8_onnx, tmp_path):
     """A video file by URL whose transfer stops half-way (the server states the whole length, sends half and
@@ -422,16 +438,8 @@ def test_a_download_broken_off_says_so_and_keeps_every_frame_it_read(mnv2_int8_o
             self.wfile.write(data[:len(data) // 2])
             self.close_connection = True
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HalfThenClose)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     out = tmp_path / "o.mp4"
-    try:
-        done = subprocess.run([sys.executable, "-m", "realtime_cam", "run", "--model", str(mnv2_int8_onnx),
-                               "--source", f"http://127.0.0.1:{httpd.server_address[1]}/vtest.avi",
-                               "--output", str(out), "--no-display"], capture_output=True, text=True, timeout=240)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    done = run_served_video(HalfThenClose, mnv2_int8_onnx, out)
     assert done.returncode == 0, done.stderr[-2000:]
     early = [line for line in done.stderr.splitlines() if "the video ends early" in line]
     assert len(early) == 1 and "of the 13.8 s it states" in early[0], done.stderr[-2000:]
@@ -453,15 +461,7 @@ def test_a_video_file_given_by_url_ends_when_the_file_does(mnv2_int8_onnx, tmp_p
     served = tmp_path / "served"
     served.mkdir()
     (served / "vtest.avi").symlink_to(shared("videos", "vtest.avi"))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     out = tmp_path / "o.avi"
-    try:
-        done = subprocess.run([sys.executable, "-m", "realtime_cam", "run", "--model", str(mnv2_int8_onnx),
-                               "--source", f"http://127.0.0.1:{httpd.server_address[1]}/vtest.avi",
-                               "--output", str(out), "--no-display"], capture_output=True, text=True, timeout=240)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    done = run_served_video(functools.partial(Quiet, directory=str(served)), mnv2_int8_onnx, out)
     assert done.returncode == 0, done.stderr[-2000:]
     assert frame_count(out) == frame_count(shared("videos", "vtest.avi"))  # each frame once
