@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -179,6 +180,7 @@ class PyAvEncoder:
         self._last_pts: int | None = None
         self._origin: float | None = None  # the first frame's time: kept when audio is copied (in step with it)
         self._audio = _AudioCopy.open(settings.audio_from, self._container, muxer, suffix, name)
+        self._to_source_end = False  # see source_ended
         try:
             # FFmpeg opens the file (by name) and writes the header now: from here on it writes the file this
             # run created, whatever is put at that name later.
@@ -218,14 +220,19 @@ class PyAvEncoder:
         for packet in self._stream.encode(frame):
             self._container.mux(packet)
 
+    def source_ended(self) -> None:
+        """Every frame of the source was written: the audio is copied to its own end on close."""
+        self._to_source_end = True
+
     def close(self) -> None:
-        """Flush the encoder, copy the audio up to the end of the last frame, write the trailer (and, for MP4,
-        move the index to the front)."""
+        """Flush the encoder, copy the audio up to the end of the last frame (to its own end when the source
+        ended), write the trailer (and, for MP4, move the index to the front)."""
         try:
             for packet in self._stream.encode(None):
                 self._container.mux(packet)
             if self._audio and self._last_pts is not None:  # (with audio, the origin is 0)
-                self._audio.copy_until(float(self._last_pts * self.time_base) + 1.0 / self.fps)
+                end = math.inf if self._to_source_end else float(self._last_pts * self.time_base) + 1.0 / self.fps
+                self._audio.copy_until(end)
         finally:
             try:
                 if self._audio:
@@ -347,6 +354,9 @@ class OpenCvEncoder:
     def write(self, image_bgr: np.ndarray, time_s: float) -> None:
         with self._quiet():  # a failed write (a full disk) is logged per frame; the read-back says it once
             self._writer.write(image_bgr)
+
+    def source_ended(self) -> None:
+        """No audio to finish: nothing to do."""
 
     def close(self) -> None:
         self._writer.release()

@@ -201,8 +201,13 @@ def run_loop(
     with single_threaded_blas():  # the maps' small products gain nothing from BLAS threads, inference loses
         if window is None:
             with single_threaded_opencv():  # its pool would compete with inference for the same cores
-                return _run_headless(model, frames, sinks, options, progress, observe)
-        return _run_windowed(model, frames, sinks, window, options, progress, observe)
+                result = _run_headless(model, frames, sinks, options, progress, observe)
+        else:
+            result = _run_windowed(model, frames, sinks, window, options, progress, observe)
+    if result.stopped_by == "end":
+        for sink in sinks:
+            sink.source_ended()
+    return result
 
 
 class _Renderer:

@@ -52,6 +52,9 @@ class Sink:
         """An overlay and the frame it shows: sinks that keep the frame's time override this."""
         self.write(image_bgr)
 
+    def source_ended(self) -> None:
+        """The source reached its end (not a stop by the user or --max-frames): called before ``close``."""
+
     def close(self) -> None:
         pass
 
@@ -200,6 +203,10 @@ class VideoFileSink(Sink):
         for i in range(copies):
             self._queue.put((image_bgr, time_s if time_s is not None else (self._slots + i) / self.fps))
         self._slots += copies
+
+    def source_ended(self) -> None:
+        """The source's audio, when it is copied, goes to its own end (else it stops with the last frame)."""
+        self._writer.source_ended()
 
     def close(self) -> None:
         """Flush, finalise the container, and give the file its real name."""

@@ -142,6 +142,19 @@ def test_audio_stops_with_the_last_frame_written(tiny_onnx, tmp_path):
     assert 0.9 <= last <= 1.05
 
 
+def test_at_the_end_of_the_source_its_audio_is_copied_to_its_own_end(tiny_onnx, tmp_path):
+    """A clip whose sound goes on after its last frame (2.6 s of audio, 2 s of video): the whole sound is kept,
+    as in the source (it used to stop one frame after the last; --max-frames still cuts it, test above)."""
+    source = make_video(tmp_path / "talk.mp4", [i / 25 for i in range(50)], audio_s=2.6)
+    out = tmp_path / "o.mkv"
+    assert run(tiny_onnx, source, out) == 0
+    with av.open(str(out)) as container:
+        audio = container.streams.audio[0]
+        packets = [p for p in container.demux(audio) if p.size]
+        end = float((packets[-1].pts + packets[-1].duration) * audio.time_base)
+    assert end == pytest.approx(2.6, abs=0.05)
+
+
 @pytest.mark.parametrize("suffix", [".mp4", ".webm", ".mkv", ".avi"])
 def test_odd_sizes_are_padded_never_cropped(tiny_onnx, tmp_path, suffix, caplog):
     # 641x361: an odd size, as some phones and screen recorders give (lossless FFV1 holds it as it is)
