@@ -9,6 +9,7 @@ over HTTP as they need.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from fractions import Fraction
@@ -24,7 +25,10 @@ log = logging.getLogger("realtime_cam")
 
 # Containers whose frames carry no presentation time of their own: FFmpeg labels their frames with the
 # packets' guesses, which B-frames put out of order (vtest.avi's frames come as 0.04, 0.12, 0.16, 0.2, 0.24,
-# 0.08 s). Their frames are timed by their index, as the format intends (one frame per tick).
+# 0.08 s). Each of their packets holds a slot (its decoding time, one tick per chunk: a dropped frame is an
+# empty chunk that still takes its tick), and frames come out of the decoder in display order: the k-th frame
+# is shown in the k-th slot. So a capture that dropped frames keeps its gaps, and a header that doubles the
+# rate (vtest.avi says 50 FPS, its chunks are 2 ticks of 1/50 s apart) does not double the speed.
 NO_PRESENTATION_TIMES = {"avi"}
 
 # FFmpeg's colour conversion with its fast path: the same pixels OpenCV's capture gives, in a fraction of the
@@ -105,6 +109,7 @@ class VideoFileReader:
         self._converter = av.video.reformatter.VideoReformatter()
         self._index = 0
         self._last_time: float | None = None
+        self._slots: collections.deque[int] = collections.deque()  # AVI: the slots not yet given to a frame
 
     def _decode(self):
         import av
@@ -114,10 +119,14 @@ class VideoFileReader:
             for packet in self._container.demux(self._stream):
                 if not packet.size:
                     continue  # the demuxer's end marker (or an empty packet): the decoder is drained below
+                if self._by_index and packet.dts is not None:
+                    self._slots.append(packet.dts)
                 try:
                     frames = packet.decode()
                 except av.InvalidDataError:
                     self.damaged += 1  # one bad packet (a damaged file): FFmpeg goes on with the next
+                    if self._by_index and packet.dts is not None:
+                        self._slots.pop()  # no frame will be shown in its slot
                     continue
                 yield from frames
         except av.FFmpegError as exc:
@@ -152,7 +161,9 @@ class VideoFileReader:
 
     def _time_of(self, frame) -> float | None:
         """The frame's time from the container's start; strictly after the previous frame's."""
-        if frame.pts is None or self._by_index:
+        if self._by_index and self._slots:
+            time_s = float(self._slots.popleft() * self._time_base) - self._start_s
+        elif frame.pts is None or self._by_index:
             if not self.fps:
                 return None
             time_s = self._index / self.fps

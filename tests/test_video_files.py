@@ -111,6 +111,17 @@ def test_variable_frame_rate_keeps_its_timestamps(tiny_onnx, tmp_path, suffix):
     assert got == pytest.approx([t - times[0] + got[0] for t in times], abs=0.002)
 
 
+def test_an_avi_that_dropped_frames_keeps_its_gaps(tiny_onnx, tmp_path):
+    """AVI has no presentation times: a capture that dropped frames holds empty chunks in their place. Its
+    frames used to be timed by their index, the gaps closed up (0.2 s came out at 0.12 s)."""
+    times = [0.0, 0.04, 0.08, 0.2, 0.24, 0.28, 0.6, 0.64]
+    source = make_video(tmp_path / "gaps.avi", times, codec="mjpeg", pix_fmt="yuvj420p")
+    out = tmp_path / "o.mkv"
+    assert run(tiny_onnx, source, out) == 0
+    got = frame_times(out)
+    assert got == pytest.approx([t - times[0] + got[0] for t in times], abs=0.002)
+
+
 def test_the_sources_audio_is_copied_where_the_container_holds_it(tiny_onnx, tmp_path, caplog):
     source = make_video(tmp_path / "talk.mp4", [i / 25 for i in range(50)], audio_s=2.0)
     out = tmp_path / "o.mp4"
