@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -376,6 +377,14 @@ class SnapshotSink(Sink):
             video.close()
 
 
+def check_display() -> None:
+    """A one-line error where opencv-python's Qt (X11 on Linux) has no display to open a window on: Qt aborts
+    the whole process there (exit 134, four lines of its own) before OpenCV could report anything."""
+    platform = os.environ.get("QT_QPA_PLATFORM", "xcb")
+    if sys.platform.startswith("linux") and platform.startswith("xcb") and not os.environ.get("DISPLAY"):
+        raise SinkError("no display to open a window on ($DISPLAY is not set): use --no-display to run headless")
+
+
 class WindowSink(Sink):
     """An OpenCV window showing frames at their own size, without Qt's toolbar. All its calls must stay on the
     main thread.
@@ -389,6 +398,7 @@ class WindowSink(Sink):
         # opencv-python's Qt ships no fonts and warns about it on every run ("QFontDatabase: Cannot find font
         # directory ..."); the window draws no text of its own. A user's QT_LOGGING_RULES wins.
         os.environ.setdefault("QT_LOGGING_RULES", "default.warning=false")
+        check_display()
         try:
             # No Qt toolbar or status bar: they took room from the image, which was shrunk (and blurred) to fit.
             cv2.namedWindow(title, cv2.WINDOW_NORMAL | cv2.WINDOW_KEEPRATIO | cv2.WINDOW_GUI_NORMAL)

@@ -268,3 +268,16 @@ def test_a_runtime_only_install_hears_of_the_export_extra_only_where_it_is_neede
     for name, text in outputs.items():
         assert "export extra" not in text and "realtime-cam[export]" not in text, (name, text)
     assert "seed baseline left out: torch is not installed" in outputs["bench"]
+
+
+def test_a_window_without_a_display_is_one_line_not_qts_abort(tiny_onnx, tmp_path):
+    """Over SSH without X, `run` (a window by default) used to end in Qt's abort: four lines of its own and
+    exit 134. It is our one line, exit 2, pointing at --no-display."""
+    photo = write_photo(tmp_path / "cat.jpg", (64, 48))
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "QT_QPA_PLATFORM")}
+    done = subprocess.run([sys.executable, "-m", "realtime_cam", "run", "--model", str(tiny_onnx), "--source",
+                           str(photo)], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == ("realtime-cam: error: no display to open a window on ($DISPLAY "
+                                                    "is not set): use --no-display to run headless")
+    assert "Qt" not in done.stderr and "Traceback" not in done.stderr
