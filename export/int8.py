@@ -8,6 +8,7 @@ the runtime cannot tell the copy from the fp32 file except by speed. Never impor
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import tempfile
@@ -136,15 +137,18 @@ class _Inputs(ortq.CalibrationDataReader):
 @contextlib.contextmanager
 def _ort_warnings_off() -> Iterator[None]:
     """ONNX Runtime's warnings off for the sessions the quantizer makes (a graph head's ``target_class`` is an
-    input with a default, which it warns about on each), errors still shown; and Python's root logger as it
-    was after: the quantizer's module-level ``logging.warning`` gives it a handler, through which every later
-    line of ours was printed a second time ("INFO:realtime_cam:wrote ...")."""
+    input with a default, which it warns about on each), errors still shown. The quantizer's own notes on
+    Python's root logger are dropped, and the root logger is as it was after: its module-level
+    ``logging.warning`` gave it a handler, through which every later line of ours was printed a second time
+    ("INFO:realtime_cam:wrote ...")."""
     import logging
 
     import onnxruntime as ort
 
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    if not handlers:  # its notes on the root logger ("Please consider pre-processing ...") go nowhere:
+        root.addHandler(logging.NullHandler())  # ours say what a user can act on
     ort.set_default_logger_severity(3)
     try:
         yield
@@ -177,7 +181,10 @@ def _quantize_graph(
         try:
             # Shape inference lets the quantizer see every tensor's type and shape; its graph optimisation
             # folds constants (and any BatchNormalization left in the graph) before ranges are measured.
-            ortq.quant_pre_process(str(prepared), str(prepared))
+            # Its symbolic shape inference needs sympy, which only the export extra brings (through torch);
+            # ONNX's own shape inference serves a classifier without it.
+            ortq.quant_pre_process(str(prepared), str(prepared),
+                                   skip_symbolic_shape=importlib.util.find_spec("sympy") is None)
         except Exception as exc:  # noqa: BLE001 - a model it cannot optimise is still quantizable as is
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             log(f"note: onnxruntime's quantization pre-processing failed ({reason}); quantizing the model as it is")
