@@ -93,11 +93,17 @@ def _require_float(model: onnx.ModelProto, tensor: str) -> None:
         inferred = onnx.shape_inference.infer_shapes(model).graph
     except Exception:  # inference is only a help; the export's own run checks the rest
         return
-    for info in (*inferred.value_info, *inferred.output, *inferred.input):
-        if info.name == tensor and info.type.tensor_type.elem_type not in (
-                0, TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
-            raise ExportError(f"cannot explain '{tensor}': it is a quantized (integer) tensor; name a float tensor "
-                              "with --features, or export the float model and quantize it with --int8 later")
+    integer = any(info.name == tensor and info.type.tensor_type.elem_type not in (
+                      0, TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+                  for info in (*inferred.value_info, *inferred.output, *inferred.input))
+    # ONNX's inference does not type the outputs of ONNX Runtime's own quantized ops (com.microsoft QLinear*):
+    # what such an op or a QuantizeLinear writes is an integer tensor.
+    producer = next((node for node in model.graph.node if tensor in node.output), None)
+    if integer or (producer is not None and (producer.op_type == "QuantizeLinear"
+                                             or producer.op_type.startswith("QLinear"))):
+        raise ExportError(f"cannot explain '{tensor}': it is a quantized (integer) tensor; name a float tensor "
+                          "with --features (a DequantizeLinear's output), or export the float model and quantize "
+                          "it with --int8 later")
 
 
 def _free_contract_names(model: onnx.ModelProto, features: str, logits: str) -> tuple[onnx.ModelProto, str, str]:
