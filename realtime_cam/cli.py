@@ -404,7 +404,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("saved %s", path)
     for sink in sinks:
         if sink.complete:
-            log.info("wrote %s (%d frames)", sink.path, sink.frames_written)
+            log.info("wrote %s (%d frame%s)", sink.path, sink.frames_written, "" if sink.frames_written == 1 else "s")
         else:
             log.info("%s was not written: no frame was explained", sink.path)
     return EXIT_OK
