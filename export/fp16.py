@@ -209,8 +209,8 @@ def convert_fp16(
         # Seen with a ViT: ONNX Runtime 1.32's CPU graph optimizer (NchwcTransformer with MatmulTransposeFusion)
         # crashes the process on its float16 attention, in this check and in every later run.
         raise ExportError(f"{fp32_path.name} is explained at a token tensor (a transformer): --fp16 is not "
-                          "supported for it (ONNX Runtime's CPU optimizer crashes on its float16 attention); "
-                          "export it in float32, or with --int8")
+                          "supported for it (ONNX Runtime 1.32's CPU optimizer crashed on a ViT's float16 "
+                          "attention); export it in float32, or with --int8")
     convert = _float16_converter()
     check_iter = sample_check_frames(check, check_frames)
     model = onnx.ModelProto()
