@@ -142,7 +142,8 @@ def normalize_map(raw: np.ndarray) -> np.ndarray:
     span = float(raw.max()) - lo
     if not np.isfinite(span) or span <= 1e-12 * max(1.0, abs(lo)):
         return np.zeros_like(raw, dtype=np.float32)
-    return (raw - lo) * np.float32(1.0 / span)
+    out = (raw - lo) * np.float32(1.0 / span)
+    return np.minimum(out, np.float32(1.0), out=out)  # the reciprocal's rounding gave 1.0000001 at the peak
 
 
 def compute_map(method: str, features_chw: np.ndarray, weight_kc: np.ndarray | None, class_id: int,

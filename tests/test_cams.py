@@ -41,6 +41,15 @@ def test_normalize_spans_zero_to_one():
     np.testing.assert_allclose(out, [[0.0, 0.25], [0.375, 1.0]])
 
 
+def test_normalized_maps_never_exceed_one():
+    """The README promises maps in [0, 1]; multiplying by the span's reciprocal gave 1.0000001 at the peak of
+    about one random map in 18."""
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        out = normalize_map((rng.random((7, 7)) * rng.uniform(0.01, 100)).astype(np.float32))
+        assert out.min() == 0.0 and out.max() == 1.0
+
+
 @pytest.mark.parametrize("raw", [np.full((7, 7), 3.5, np.float32), np.zeros((7, 7), np.float32),
                                  np.full((1, 1), -1.0, np.float32)])
 def test_constant_or_single_cell_map_gives_zeros_not_nan(raw):
