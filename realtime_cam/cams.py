@@ -138,12 +138,11 @@ METHODS: dict[str, Method] = {
 def normalize_map(raw: np.ndarray) -> np.ndarray:
     """Min-max normalise to [0, 1] as float32; a constant map (no information) gives zeros, never NaN."""
     raw = raw.astype(np.float32, copy=False)
-    lo = float(raw.min())
-    span = float(raw.max()) - lo
-    if not np.isfinite(span) or span <= 1e-12 * max(1.0, abs(lo)):
+    lo = raw.min()
+    span = raw.max() - lo  # in float32, as the division below: the peak is span / span, exactly 1
+    if not np.isfinite(span) or float(span) <= 1e-12 * max(1.0, abs(float(lo))):
         return np.zeros_like(raw, dtype=np.float32)
-    out = (raw - lo) * np.float32(1.0 / span)
-    return np.minimum(out, np.float32(1.0), out=out)  # the reciprocal's rounding gave 1.0000001 at the peak
+    return (raw - lo) / span  # (multiplying by the reciprocal gave 1.0000001 at some peaks)
 
 
 def compute_map(method: str, features_chw: np.ndarray, weight_kc: np.ndarray | None, class_id: int,
