@@ -17,7 +17,8 @@ from realtime_cam.model import CamModel
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 pytest.importorskip("pytorch_grad_cam")
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM  # noqa: E402
+from grad_parity import REFERENCES, assert_maps_match  # noqa: E402
+from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 # arch -> (the target layer in torchvision's module, as pytorch-grad-cam's users write it). Each must be the
@@ -28,7 +29,6 @@ TARGET_LAYERS = {
     "alexnet": (lambda m: m.features[-1], "model.features[-1]"),             # the last MaxPool, 256x6x6
     "convnext_tiny": (lambda m: m.features[-1], "model.features[-1]"),       # the last stage, 768x7x7
 }
-REFERENCES = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "layercam": LayerCAM}
 PHOTOS = ("darknet_dog.jpg", "skimage_chelsea.png")
 
 
@@ -101,23 +101,9 @@ def test_maps_match_pytorch_grad_cam_at_the_same_target_layer(exported, method):
     arch, net, out = exported
     target_of, target_name = TARGET_LAYERS[arch]
     model = CamModel(out, device="cpu")
-    h, w = model.info.input_size_hw
     for photo in PHOTOS:
         frame = cv2.imread(str(shared("images", photo)))
-        batch = model.prepare(frame)  # the model file's size, mean and std, for both
-        predictions = [model.predict(frame, method=method)]
-        if photo == PHOTOS[0]:  # also a class fed to the graph as its target: the third most probable
-            predictions.append(model.predict(frame, class_id=predictions[0].topk[2][0], method=method))
-        for prediction in predictions:
-            with REFERENCES[method](model=net, target_layers=[target_of(net)]) as reference:
-                expected = reference(input_tensor=torch.from_numpy(batch),
-                                     targets=[ClassifierOutputTarget(prediction.class_id)])[0]
-            mine = normalize_map(cv2.resize(prediction.cam, (w, h), interpolation=cv2.INTER_LINEAR))
-            assert expected.shape == mine.shape == (h, w)
-            assert expected.std() > 0 and mine.std() > 0, (arch, method, photo, "a constant map tests nothing")
-            r = float(np.corrcoef(mine.ravel(), expected.ravel())[0, 1])
-            print(f"parity {arch} {target_name} {method} {photo} class {prediction.class_id}: 1 - r = {1 - r:.1e}")
-            assert r >= 0.99, (arch, target_name, method, photo, prediction.class_id, r)
+        assert_maps_match(model, net, target_of, target_name, arch, method, photo, frame, first=photo == PHOTOS[0])
 
 
 def test_run_explains_a_video_with_gradcam(exported, tmp_path):

@@ -18,8 +18,10 @@ from realtime_cam.model import CamModel
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 pytest.importorskip("pytorch_grad_cam")
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM  # noqa: E402
+from grad_parity import REFERENCES, assert_maps_match  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+
+from realtime_cam.export.torchvision_graph import WithTarget  # noqa: E402
 
 
 def vit_reshape(tensor, height=14, width=14):
@@ -43,7 +45,6 @@ TARGET_LAYERS = {
     "maxvit_t": (lambda m: m.blocks[-1].layers[-1], "model.blocks[-1].layers[-1]", None,
                  ("skimage_chelsea.png",)),  # already a map, 512x7x7 (its export takes ~3 minutes on two cores)
 }
-REFERENCES = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "layercam": LayerCAM}
 
 
 def seeded_net(arch: str, seed: int = 1234) -> torch.nn.Module:
@@ -118,23 +119,10 @@ def test_the_file_explains_the_target_layer_as_a_map(token_exports, arch):
 def test_maps_match_pytorch_grad_cam_with_its_reshape_transform(token_exports, arch, method):
     net, _, model = token_exports(arch)
     target_of, target_name, reshape, photos = TARGET_LAYERS[arch]
-    h, w = model.info.input_size_hw
     for photo in photos:
         frame = cv2.imread(str(shared("images", photo)))
-        batch = model.prepare(frame)
-        predictions = [model.predict(frame, method=method)]
-        if photo == photos[0]:  # also a class fed to the graph as its target: the third most probable
-            predictions.append(model.predict(frame, class_id=predictions[0].topk[2][0], method=method))
-        for prediction in predictions:
-            with REFERENCES[method](model=net, target_layers=[target_of(net)], reshape_transform=reshape) as reference:
-                expected = reference(input_tensor=torch.from_numpy(batch),
-                                     targets=[ClassifierOutputTarget(prediction.class_id)])[0]
-            mine = normalize_map(cv2.resize(prediction.cam, (w, h), interpolation=cv2.INTER_LINEAR))
-            assert expected.shape == mine.shape == (h, w)
-            assert expected.std() > 0 and mine.std() > 0, (arch, method, photo, "a constant map tests nothing")
-            r = float(np.corrcoef(mine.ravel(), expected.ravel())[0, 1])
-            print(f"parity {arch} {target_name} {method} {photo} class {prediction.class_id}: 1 - r = {1 - r:.1e}")
-            assert r >= 0.99, (arch, target_name, method, photo, prediction.class_id, r)
+        assert_maps_match(model, net, target_of, target_name, arch, method, photo, frame, reshape,
+                          first=photo == photos[0])
 
 
 def test_run_explains_a_video_with_gradcam(token_exports, tmp_path):
@@ -155,19 +143,9 @@ def tiny_vit_onnx(folder):
                                                                   num_heads=2, hidden_dim=16, mlp_dim=32)
     torch.nn.init.normal_(net.heads.head.weight)
     net.eval()
-    seen = {}
-    net.encoder.layers[-1].ln_1.register_forward_hook(lambda m, i, o: seen.__setitem__("tokens", o))
-
-    class WithTokens(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return self.net(x), seen["tokens"]
-
     src = folder / "tiny-vit.onnx"
-    torch.onnx.export(WithTokens().eval(), torch.randn(1, 3, 32, 32), str(src), dynamo=False, input_names=["input"],
+    torch.onnx.export(WithTarget(net, net.encoder.layers[-1].ln_1).eval(), torch.randn(1, 3, 32, 32), str(src),
+                      dynamo=False, input_names=["input"],
                       output_names=["scores", "tokens"], dynamic_axes={"input": {0: "N"}, "scores": {0: "N"}})
     return net, src
 

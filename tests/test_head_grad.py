@@ -516,18 +516,9 @@ def test_torchvision_families_agree_with_torch_autograd(family):
     models = pytest.importorskip("torchvision.models")
     torch.manual_seed(0)
     net, layer, size = _tiny_family(family, torch, models)
-    seen = {}
-    layer.register_forward_hook(lambda module, inputs, output: seen.__setitem__("features", output))
+    from realtime_cam.export.torchvision_graph import WithTarget
 
-    class WithFeatures(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return self.net(x), seen["features"]
-
-    wrapped = WithFeatures().eval()
+    wrapped = WithTarget(net, layer).eval()
     buffer = io.BytesIO()
     torch.onnx.export(wrapped, torch.randn(1, 3, size, size), buffer, dynamo=False, input_names=["input"],
                       output_names=["logits", "features"],
