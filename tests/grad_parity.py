@@ -4,6 +4,7 @@ the export tests after their ``pytest.importorskip`` of torch and pytorch_grad_c
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,6 +13,7 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from realtime_cam.cams import normalize_map
+from realtime_cam.cli import main
 
 REFERENCES = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "layercam": LayerCAM}
 
@@ -35,3 +37,10 @@ def assert_maps_match(model, net, target_of: Callable, target_name: str, arch: s
         r = float(np.corrcoef(mine.ravel(), expected.ravel())[0, 1])
         print(f"parity {arch} {target_name} {method} {photo} class {prediction.class_id}: 1 - r = {1 - r:.1e}")
         assert r >= 0.99, (arch, target_name, method, photo, prediction.class_id, r)
+
+
+def assert_run_explains_a_video_with_gradcam(model_path: Path, video: Path, result: Path, frames: int) -> None:
+    """`realtime-cam run --method gradcam` from a video to a file with the exported model: exit 0, a file written."""
+    assert main(["run", "--model", str(model_path), "--method", "gradcam", "--source", str(video), "--output",
+                 str(result), "--no-display", "--max-frames", str(frames)]) == 0
+    assert result.stat().st_size > 0

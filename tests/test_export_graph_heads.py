@@ -17,7 +17,7 @@ from realtime_cam.model import CamModel
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 pytest.importorskip("pytorch_grad_cam")
-from grad_parity import REFERENCES, assert_maps_match  # noqa: E402
+from grad_parity import REFERENCES, assert_maps_match, assert_run_explains_a_video_with_gradcam  # noqa: E402
 from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
@@ -108,11 +108,7 @@ def test_maps_match_pytorch_grad_cam_at_the_same_target_layer(exported, method):
 
 def test_run_explains_a_video_with_gradcam(exported, tmp_path):
     _, _, out = exported
-    video = shared("videos", "bottle-detection.mp4")
-    result = tmp_path / "o.mp4"
-    assert main(["run", "--model", str(out), "--method", "gradcam", "--source", str(video), "--output", str(result),
-                 "--no-display", "--max-frames", "20"]) == 0
-    assert result.stat().st_size > 0
+    assert_run_explains_a_video_with_gradcam(out, shared("videos", "bottle-detection.mp4"), tmp_path / "o.mp4", 20)
 
 
 def test_inception_v3_exports_at_299_with_its_linear_head(tmp_path):

@@ -18,7 +18,7 @@ from realtime_cam.model import CamModel
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 pytest.importorskip("pytorch_grad_cam")
-from grad_parity import REFERENCES, assert_maps_match  # noqa: E402
+from grad_parity import REFERENCES, assert_maps_match, assert_run_explains_a_video_with_gradcam  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 from realtime_cam.export.torchvision_graph import WithTarget  # noqa: E402
@@ -128,11 +128,7 @@ def test_maps_match_pytorch_grad_cam_with_its_reshape_transform(token_exports, a
 def test_run_explains_a_video_with_gradcam(token_exports, tmp_path):
     arch = "vit_b_16"
     _, out, _ = token_exports(arch)
-    video = shared("videos", "bottle-detection.mp4")
-    result = tmp_path / "o.mp4"
-    assert main(["run", "--model", str(out), "--method", "gradcam", "--source", str(video), "--output", str(result),
-                 "--no-display", "--max-frames", "8"]) == 0
-    assert result.stat().st_size > 0
+    assert_run_explains_a_video_with_gradcam(out, shared("videos", "bottle-detection.mp4"), tmp_path / "o.mp4", 8)
 
 
 def tiny_vit_onnx(folder):
