@@ -91,8 +91,11 @@ def test_the_page_shows_every_stream_live_and_pinning_changes_the_label(served, 
         page.wait_for_function("document.getElementById('error-0').textContent.includes('no class named')")
         # Method and box act on the stream too.
         page.select_option("#method-1", "gradcam")
-        page.check("#box-1")
+        # the method's change first: the page re-draws the stream's controls from the server's state, and a
+        # box ticked before that answer came back was once drawn unticked again under the click
         page.wait_for_function("document.getElementById('label-1').textContent.includes('gradcam')")
+        page.check("#box-1")
+        wait_until(lambda: streams(server)[1]["view"]["show_box"], what="the box ticked on the page to reach the stream")
         view = streams(server)[1]["view"]
         assert view["method"] == "gradcam" and view["show_box"]
         # The camera that died shows as ended.
