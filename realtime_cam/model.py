@@ -20,7 +20,7 @@ from .errors import DeviceError, ModelError
 from .explain import Request, explain
 from .labels import class_id_for
 from .preprocess import Preprocessor, as_bgr
-from .providers import CUDA, providers_for
+from .providers import CPU, CUDA, providers_for
 from .types import Prediction
 
 log = logging.getLogger("realtime_cam")
@@ -93,6 +93,7 @@ class CamModel:
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> None:
         self.path = Path(path)
+        self.device = device
         proto = load_model_proto(self.path)
         self.info, self.head_weight, self.head_bias = read_contract(proto)
         providers = providers_for(device)
@@ -131,6 +132,12 @@ class CamModel:
         self._preprocess = Preprocessor(
             self.info.input_size_hw, self.info.mean, self.info.std, self.info.channel_order
         )
+
+    def copy(self, threads: int | None = None) -> CamModel:
+        """The same model file in a session of its own, on the provider this one runs on, with ``threads``
+        intra-op threads: for another thread to run side by side with this one (each on its share of the
+        cores, without sharing a session's thread pool or the preprocessing buffer)."""
+        return CamModel(self.path, device="cpu" if self.provider == CPU else self.device, threads=threads)
 
     def _check_shapes(self) -> None:
         """Run once on a blank input and check what comes out (declared shapes can be missing or wrong)."""

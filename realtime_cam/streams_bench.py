@@ -25,7 +25,8 @@ from .errors import CamError, DeviceError
 from .model import CamModel
 from .pipeline import RunOptions
 from .sources import FrameSource
-from .streams import DEFAULT_BATCH_TIMEOUT_MS, MultiStream
+from .streams import DEFAULT_BATCH_TIMEOUT_MS, MultiStream, inference_lanes
+from .threads import usable_cores
 from .timing import median_p95
 from .types import Frame
 from .view import ViewState
@@ -68,10 +69,11 @@ class DemandFeed(FrameSource):
 
 
 def bench_streams(model: CamModel, frames: Sequence[np.ndarray], count: int, measured: int, warmup: int,
-                  batch_timeout_s: float, options: RunOptions) -> dict:
-    """N streams for ``warmup`` + ``measured`` explained frames in all; the figures cover the measured ones."""
+                  batch_timeout_s: float, options: RunOptions, lanes: int | None = None) -> dict:
+    """N streams for ``warmup`` + ``measured`` explained frames in all; the figures cover the measured ones.
+    ``lanes``: the loop's inference threads (None: what ``run`` and ``serve`` choose)."""
     feeds = [DemandFeed(f"stream {i}", frames, offset=i * 7) for i in range(count)]
-    with MultiStream(model, feeds, options=options, batch_timeout_s=batch_timeout_s) as multi:
+    with MultiStream(model, feeds, options=options, batch_timeout_s=batch_timeout_s, lanes=lanes) as multi:
         for feed, stream in zip(feeds, multi.streams):
             feed.slot = stream.slot
             with stream.slot._cond:
@@ -105,6 +107,7 @@ def bench_streams(model: CamModel, frames: Sequence[np.ndarray], count: int, mea
         # CPU time of the whole process per explained frame: what batching saves, whatever else the machine runs
         "cpu_ms_per_frame": (cpu1 - cpu0) * 1000.0 / max(1, done1 - done0),
         "mean_batch": float(np.mean(sizes)) if sizes else 0.0,
+        "inference_threads": len(multi.lanes),
         "batch_sizes": {str(k): v for k, v in sorted(Counter(sizes).items())},
         "seconds": t1 - t0,
     }
@@ -133,13 +136,19 @@ def run_streams_bench(model_path: Path, counts: Sequence[int], devices: Sequence
         options = RunOptions(view=ViewState(method=method), live_source=True)
         for n in counts:
             model.batch_size(n)  # the runtime readied for this batch shape before timing
-        runs: dict[int, list[dict]] = {n: [] for n in counts}
-        for r in range(rounds):  # the counts taken in turn, round after round: a busy spell hits them all
-            for n in counts:
-                log.info("[%s] round %d of %d: %d stream%s", device, r + 1, rounds, n, "s" * (n > 1))
-                runs[n].append(bench_streams(model, images, n, frames, warmup, batch_timeout_s, options))
-        for n in counts:
-            report["results"].append(combine_rounds(runs[n], device, model.provider))
+        # Where the loop runs several inference threads, the same count with one is measured too: the gain of
+        # the lanes, in the same run.
+        cases = [(n, None) for n in counts]
+        cases += [(n, 1) for n in counts if inference_lanes(n, usable_cores(), model.provider) > 1]
+        runs: dict[tuple, list[dict]] = {case: [] for case in cases}
+        for r in range(rounds):  # the cases taken in turn, round after round: a busy spell hits them all
+            for n, lanes in cases:
+                log.info("[%s] round %d of %d: %d stream%s%s", device, r + 1, rounds, n, "s" * (n > 1),
+                         "" if lanes is None else ", one inference thread")
+                runs[n, lanes].append(bench_streams(model, images, n, frames, warmup, batch_timeout_s, options,
+                                                    lanes))
+        for case in sorted(cases, key=lambda c: (c[0], c[1] is not None)):
+            report["results"].append(combine_rounds(runs[case], device, model.provider))
         base = next((r for r in report["results"] if r["device"] == device and r["streams"] == 1), None)
         for row in report["results"]:
             if row["device"] == device and base:
@@ -159,7 +168,7 @@ def combine_rounds(runs: Sequence[dict], device: str, provider: str) -> dict:
 
 
 def format_streams_table(report: dict) -> str:
-    lines = [f"{'device':6} {'streams':>7} {'total FPS':>9} {'per stream':>10} {'x 1 stream (rounds)':>22} "
+    lines = [f"{'device':6} {'streams':>7} {'threads':>7} {'total FPS':>9} {'per stream':>10} {'x 1 stream (rounds)':>22} "
              f"{'CPU ms/frame':>12} {'mean batch':>10} {'latency ms (median / p95)':>26}"]
     for r in report["results"]:
         lat = r["latency_ms"]
@@ -167,7 +176,7 @@ def format_streams_table(report: dict) -> str:
         spread = r.get("vs_one_stream_per_round", [])
         if len(spread) > 1:
             ratio += f" ({min(spread):.2f}-{max(spread):.2f})"
-        lines.append(f"{r['device']:6} {r['streams']:7d} {r['fps_total']:9.1f} {r['fps_total'] / r['streams']:10.1f} "
+        lines.append(f"{r['device']:6} {r['streams']:7d} {r['inference_threads']:7d} {r['fps_total']:9.1f} {r['fps_total'] / r['streams']:10.1f} "
                      f"{ratio:>22} {r['cpu_ms_per_frame']:12.2f} {r['mean_batch']:10.2f} {lat['median_ms']:17.1f} / {lat['p95_ms']:6.1f}")
     for s in report["skipped"]:
         lines.append(f"skipped {s['device']}: {s['why']}")

@@ -216,7 +216,7 @@ def _run_streams(args: argparse.Namespace, specs: Sequence[str], names: Sequence
         outputs = [[*(sinks_by_stream[i] if sinks_by_stream else ()), *snapshots[i:i + 1]] for i in range(len(sources))]
         multi = stack.enter_context(MultiStream(model, sources, names, options, outputs,
                                                 args.batch_timeout_ms / 1000.0))
-        log.info("%d streams, batched (at most %d per inference call)%s", len(sources), multi.max_batch,
+        log.info("%d streams, %s%s", len(sources), multi.describe(),
                  "" if window is None else "; in the window 1-9 or Tab select a stream, the single view's keys act "
                  "on it (h lists them), q or Esc quits")
         try:
@@ -283,7 +283,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = stack.enter_context(StreamServer(multi, args.host, args.port, token))
         if generated:
             log.info("listening on %s, not loopback: every request needs this token: %s", args.host, token)
-        log.info("serving %d stream%s; open %s (Ctrl-C stops)", len(sources), "s" * (len(sources) > 1), server.url)
+        log.info("serving %d stream%s, %s; open %s (Ctrl-C stops)", len(sources), "s" * (len(sources) > 1),
+                 multi.describe(), server.url)
         print(server.url, flush=True)
         said_done = False
         while True:

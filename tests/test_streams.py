@@ -19,11 +19,14 @@ from live_helpers import wait_until
 from mjpeg_server import MjpegServer
 from test_window import display, needs_x, press, screenshot, wait_for_window  # noqa: F401 - display: Xvfb fixture
 
+from realtime_cam import streams, streams_bench
 from realtime_cam.cli import main
 from realtime_cam.model import CamModel
 from realtime_cam.mosaic import SELECTED_COLOR, Tile, grid_shape, mosaic, tile_cell
+from realtime_cam.providers import CPU
 from realtime_cam.sinks import Sink
-from realtime_cam.streams import LiveFile, MultiStream, open_live, read_source_list, stream_name
+from realtime_cam.streams import LiveFile, MultiStream, inference_lanes, open_live, read_source_list, stream_name
+from realtime_cam.streams_bench import DemandFeed
 from realtime_cam.streams_cli import _serve_mosaic, stream_specs
 from realtime_cam.view import (
     KEY_ESC,
@@ -64,6 +67,65 @@ def test_every_stream_is_explained_and_batches_hold_several_streams(tiny_model):
     # Each stream's overlay is its own source's picture, at its own size.
     assert shown[0].overlay.shape[:2] == (360, 640) and shown[1].overlay.shape[:2] == (432, 768)
     assert shown[2].overlay.shape[:2] == (180, 320)
+
+
+def test_streams_are_shared_among_inference_threads_only_on_a_cpu_with_two_streams_each():
+    assert inference_lanes(4, 2, CPU) == 2 and inference_lanes(8, 2, CPU) == 2 and inference_lanes(8, 16, CPU) == 4
+    assert inference_lanes(3, 2, CPU) == 1 and inference_lanes(1, 16, CPU) == 1  # each lane batches 2 streams
+    assert inference_lanes(8, 1, CPU) == 1 and inference_lanes(8, 16, "CUDAExecutionProvider") == 1
+
+
+def in_memory_feeds(n, frames=12):
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 256, (96, 128, 3), np.uint8) for _ in range(frames)]
+    feeds = [DemandFeed(f"feed {i}", pictures, offset=3 * i) for i in range(n)]
+    return feeds, pictures
+
+
+def test_two_inference_threads_explain_each_stream_in_order_as_the_model_alone_does(tiny_model, monkeypatch):
+    feeds, pictures = in_memory_feeds(4)
+    drawn = []
+    render = MultiStream._render
+
+    def recording_render(self, stream, frame, out):
+        drawn.append((stream.id, frame.index, frame.image_bgr, out))
+        render(self, stream, frame, out)
+
+    monkeypatch.setattr(MultiStream, "_render", recording_render)
+    with MultiStream(tiny_model, feeds, lanes=2, batch_timeout_s=0.05) as multi:
+        for feed, stream in zip(feeds, multi.streams):
+            feed.slot = stream.slot
+        lane_a, lane_b = multi.lanes
+        assert [s.id for s in lane_a.streams] == [0, 2] and [s.id for s in lane_b.streams] == [1, 3]
+        assert len({id(tiny_model), id(lane_a.model), id(lane_b.model)}) == 3  # a session of its own each
+        assert "2 inference threads" in multi.describe()
+        wait_until(lambda: all(s.rate.done >= 12 for s in multi.streams), what="12 frames of every stream")
+        sizes = Counter(list(multi.batch_sizes))
+    assert max(sizes) == 2 and sizes[2] >= 5, sizes  # each batch holds the frames of its lane's two streams
+    for i in range(4):  # every frame of a stream drawn once, in the order it came
+        indices = [index for sid, index, _, _ in drawn if sid == i]
+        assert indices == sorted(set(indices)) and len(indices) >= 12
+    for sid, _, image, out in drawn[:16]:  # a lane's session gives what the model alone gives
+        alone = tiny_model.run(tiny_model.prepare(image)).row(0)
+        np.testing.assert_allclose(out.logits, alone.logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out.features, alone.features, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failing_inference_thread_ends_every_stream_with_its_error(tiny_model, caplog):
+    feeds, _ = in_memory_feeds(4)
+    with caplog.at_level(logging.ERROR, logger="realtime_cam"), \
+            MultiStream(tiny_model, feeds, lanes=2, batch_timeout_s=0.05) as multi:
+        for feed, stream in zip(feeds, multi.streams):
+            feed.slot = stream.slot
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("out of memory")
+
+        multi.lanes[1].model.run = broken
+        assert multi.wait(10), "the streams did not end"
+    assert isinstance(multi.error, RuntimeError)
+    assert all(s.slot.ended and s.slot.error == "out of memory" for s in multi.streams)
+    assert "inference failed: out of memory" in caplog.text
 
 
 @needs_shared
@@ -405,15 +467,22 @@ def test_run_reads_its_streams_from_a_text_file(tmp_path, tiny_onnx, capsys):
     assert "127.0.0.1" in err and "/stream.mjpg: 8 frames" in err and "car-detection.mp4: 8 frames" in err
 
 
-def test_bench_streams_reports_total_fps_latency_and_batches(tmp_path, tiny_onnx, capsys):
+def test_bench_streams_reports_total_fps_latency_and_batches(tmp_path, tiny_onnx, capsys, monkeypatch):
+    monkeypatch.setattr(streams, "usable_cores", lambda: 2)  # the loop's lanes as on this 2-core machine
+    monkeypatch.setattr(streams_bench, "usable_cores", lambda: 2)
     out = tmp_path / "streams.json"
-    assert main(["bench", "--model", str(tiny_onnx), "--streams", "1,3", "--device", "cpu", "--frames", "30",
+    assert main(["bench", "--model", str(tiny_onnx), "--streams", "1,3,4", "--device", "cpu", "--frames", "30",
                  "--warmup", "6", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     report = json.loads(out.read_text())
-    one, three = report["results"]
+    one, three, four, four_in_one = report["results"]
     assert (one["streams"], three["streams"]) == (1, 3) and one["vs_one_stream"] == 1.0
     assert one["mean_batch"] == 1.0 and three["mean_batch"] > 1.5  # every stream always has a frame ready
     assert len(three["latency_ms_per_stream"]) == 3 and three["latency_ms"]["p95_ms"] >= three["latency_ms"]["median_ms"]
     assert len(three["fps_total_per_round"]) == report["config"]["rounds"] == 3
     assert three["fps_total"] > 0 and "x 1 stream" in table
+    # 4 streams run in two inference threads of two streams each; the same 4 in one thread are measured too.
+    assert (four["streams"], four["inference_threads"], four_in_one["streams"], four_in_one["inference_threads"]) \
+        == (4, 2, 4, 1)
+    assert 1.5 < four["mean_batch"] <= 2 and four_in_one["mean_batch"] > 2.5
+    assert four_in_one["vs_one_stream"] > 0 and len(four_in_one["fps_total_per_round"]) == 3
