@@ -91,10 +91,8 @@ def test_the_page_shows_every_stream_live_and_pinning_changes_the_label(served, 
         page.wait_for_function("document.getElementById('error-0').textContent.includes('no class named')")
         # Method and box act on the stream too.
         page.select_option("#method-1", "gradcam")
-        # the method's change first: the page re-draws the stream's controls from the server's state, and a
-        # box ticked before that answer came back was once drawn unticked again under the click
+        page.check("#box-1")  # while the method's change may still be on its way (see the test after this one)
         page.wait_for_function("document.getElementById('label-1').textContent.includes('gradcam')")
-        page.check("#box-1")
         wait_until(lambda: streams(server)[1]["view"]["show_box"], what="the box ticked on the page to reach the stream")
         view = streams(server)[1]["view"]
         assert view["method"] == "gradcam" and view["show_box"]
@@ -107,6 +105,35 @@ def test_the_page_shows_every_stream_live_and_pinning_changes_the_label(served, 
         page.close()
         post(server.url + "api/streams/0/view", {"pin": None})
         post(server.url + "api/streams/1/view", {"method": "cam", "box": False})
+
+
+@needs_browser
+def test_a_control_keeps_what_the_user_set_while_the_change_is_on_its_way(served, chromium):
+    """The page polls the server's state every half second and shows it in the controls; a poll answered
+    before a change reached the server must not undo, under the user's hand, what the user just set."""
+    server, _ = served
+    page = chromium.new_page()
+    held = []
+    try:
+        page.goto(server.url)
+        page.wait_for_selector("#box-1")
+        page.wait_for_function("document.getElementById('label-1').textContent.includes('%')")
+        page.route("**/api/streams/1/view", lambda route: held.append(route))  # the change held on its way
+        page.click("#box-1")
+        page.wait_for_timeout(1500)  # three polls answer meanwhile, each with the box still off on the server
+        assert len(held) == 1 and not streams(server)[1]["view"]["show_box"]
+        assert page.is_checked("#box-1")
+        held[0].continue_()
+        wait_until(lambda: streams(server)[1]["view"]["show_box"], what="the change to reach the stream")
+        page.wait_for_timeout(700)
+        assert page.is_checked("#box-1")
+        page.unroute("**/api/streams/1/view")
+        # A change made elsewhere (another page, a program) still shows on this page.
+        post(server.url + "api/streams/1/view", {"box": False})
+        page.wait_for_function("!document.getElementById('box-1').checked")
+    finally:
+        page.close()
+        post(server.url + "api/streams/1/view", {"box": False})
 
 
 @needs_browser
