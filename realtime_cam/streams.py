@@ -275,17 +275,21 @@ class Stream:
 
 
 # ----------------------------------------------------------------------------- inference lanes
+# Each lane holds the model in a session of its own: at most this many copies in memory.
+MAX_LANES = 4
+
+
 def inference_lanes(streams: int, cores: int, provider: str) -> int:
     """How many inference threads ("lanes") a loop of ``streams`` streams runs, each batching its own streams.
 
-    One on a GPU (one batch keeps it busy) and for fewer than four streams. On a CPU, one lane per core, each
-    holding at least two streams (so that every batch still holds frames of several streams): on 2 cores, 4
-    streams of MobileNetV2 int8 gave 1.57x and 1.63x one stream's total with two lanes, against 1.46x and
-    1.29x with one (docs/streams.md); ResNet18 1.20x against 1.12x.
+    One on a GPU (one batch keeps it busy) and for fewer than four streams. On a CPU, one lane per core (at most
+    MAX_LANES), each holding at least two streams, so that every batch still holds frames of several streams.
+    On 2 cores, 4 streams of MobileNetV2 int8 gave 1.46-1.70x one stream's total in two lanes against
+    1.36-1.44x in one, over three runs (docs/streams.md).
     """
     if provider != CPU or streams < 4 or cores < 2:
         return 1
-    return min(cores, streams // 2)
+    return min(cores, streams // 2, MAX_LANES)
 
 
 @dataclass

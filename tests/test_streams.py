@@ -71,6 +71,7 @@ def test_every_stream_is_explained_and_batches_hold_several_streams(tiny_model):
 
 def test_streams_are_shared_among_inference_threads_only_on_a_cpu_with_two_streams_each():
     assert inference_lanes(4, 2, CPU) == 2 and inference_lanes(8, 2, CPU) == 2 and inference_lanes(8, 16, CPU) == 4
+    assert inference_lanes(32, 16, CPU) == 4  # a copy of the model in memory per lane: at most 4
     assert inference_lanes(3, 2, CPU) == 1 and inference_lanes(1, 16, CPU) == 1  # each lane batches 2 streams
     assert inference_lanes(8, 1, CPU) == 1 and inference_lanes(8, 16, "CUDAExecutionProvider") == 1
 
