@@ -172,10 +172,11 @@ def test_bench_collection_reports_each_runner_and_rays_overhead(local_ray, tiny_
     report = json.loads(out.read_text())
     assert [r["runner"] for r in report["results"]] == ["in-process", "ray-1", "ray-1-of-1-cpu", "ray-2"]
     assert all(r["files"] == 3 and r["frames"] == 12 and r["files_per_s"] > 0 for r in report["results"])
-    assert {"ray_startup_s", "ray_overhead_fixed_s", "ray_overhead_per_file_s", "speedup_n_over_1",
-            "speedup_n_over_1_cpu"} <= set(report)
+    assert {"ray_startup_s", "ray_data_first_run_s", "ray_overhead_fixed_s", "ray_overhead_per_file_s",
+            "speedup_n_over_1", "speedup_n_over_1_cpu"} <= set(report)
     assert "commit" in report["environment"].get("git", {"commit": ""})
-    assert "2 workers vs 1 worker of 1 CPU" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "2 workers vs 1 worker of 1 CPU" in table and "Ray Data's first run" in table
 
 
 def test_the_embedded_ray_leaves_no_process_behind(tiny_onnx, tmp_path):
