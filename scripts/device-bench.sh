@@ -9,6 +9,9 @@
 #   there:  scripts/device-bench.sh unpack I N    # call I of N, carrying .devcarry<I>; the last one installs
 #   there:  scripts/device-bench.sh bench [FRAMES] # export the models, run bench --device cpu,cuda into $OUT
 #           (DEVICE_REVISION=$(git rev-parse HEAD) of a clean tree names the commit in the JSON)
+#   there:  scripts/device-bench.sh streams        # bench --streams 1,2,4,8 on CUDA (issue 19's 5x target)
+#   there:  scripts/device-bench.sh families [N]   # gradcam on CUDA for mobilenet_v3_large, convnext_tiny, swin_t,
+#           vit_b_16 (issue 14): export --arch (random weights), run N frames of the video, logs into $OUT
 #
 # Each "there" step is one device call; the last part and the bench can share a call:
 #   scripts/device-bench.sh unpack 4 4 && scripts/device-bench.sh bench
@@ -66,8 +69,9 @@ unpack() {
     fi
 }
 
-bench() {
-    local frames=${1:-500} out=${OUT:-$STAGE/out}
+# Sets out, cam, m and source for the steps below: the project copied afresh, the models' folder, the video.
+setup() {
+    out=${OUT:-$STAGE/out}
     [ -d "$SITE/onnxruntime" ] || { echo "device-bench: onnxruntime-gpu is not unpacked yet (run unpack first)" >&2; exit 1; }
     # The package as pyproject.toml lays it out (export/ installs as realtime_cam.export), copied afresh: no
     # build step, whatever setuptools the machine has.
@@ -78,17 +82,16 @@ bench() {
     mkdir -p "$out" "$STAGE/models"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt" || true
     # -P: the copy above, not the working tree's realtime_cam/ (which lacks realtime_cam.export).
-    local cam="python3 -P -m realtime_cam" m=$STAGE/models source=()
+    cam="python3 -P -m realtime_cam" m=$STAGE/models source=()
     # Without a carried video, bench makes a synthetic clip of bottle-detection.mp4's size.
     if [ -f "$STAGE/source.mp4" ]; then source=(--source "$STAGE/source.mp4"); fi
-    $cam export --weights none --output "$m/r18.onnx"
-    $cam export --from-onnx "$m/r18.onnx" --fp16 --output "$m/r18-fp16.onnx"
-    $cam bench --model "$m/r18.onnx" --model "$m/r18-fp16.onnx" "${source[@]}" --device cpu,cuda \
-        --frames "$frames" --json "$out/h200.json" --plot "$out/h200.png" 2>&1 | tee "$out/h200.log"
-    # The copy above is no checkout, so bench cannot name its commit: the caller does (DEVICE_REVISION=SHA,
-    # the commit of a clean tree that was sent), and the JSON says who recorded it.
-    if [ -n "${DEVICE_REVISION:-}" ]; then
-        python3 - "$out/h200.json" "$DEVICE_REVISION" <<'PY'
+}
+
+# The copy setup made is no checkout, so bench cannot name its commit: the caller does (DEVICE_REVISION=SHA,
+# the commit of a clean tree that was sent), and the JSON says who recorded it.
+stamp() {
+    [ -n "${DEVICE_REVISION:-}" ] || return 0
+    python3 - "$1" "$DEVICE_REVISION" <<'PY'
 import json, sys
 path, commit = sys.argv[1], sys.argv[2]
 with open(path, encoding="utf-8") as f:
@@ -98,12 +101,49 @@ report.setdefault("environment", {})["git"] = {"commit": commit, "dirty": False,
 with open(path, "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
 PY
-    fi
+}
+
+resnet18() {
+    [ -f "$m/r18.onnx" ] || $cam export --weights none --output "$m/r18.onnx"
+}
+
+bench() {
+    local frames=${1:-500}
+    setup
+    resnet18
+    $cam export --from-onnx "$m/r18.onnx" --fp16 --output "$m/r18-fp16.onnx"
+    $cam bench --model "$m/r18.onnx" --model "$m/r18-fp16.onnx" "${source[@]}" --device cpu,cuda \
+        --frames "$frames" --json "$out/h200.json" --plot "$out/h200.png" 2>&1 | tee "$out/h200.log"
+    stamp "$out/h200.json"
+}
+
+streams() {
+    setup
+    resnet18
+    $cam bench --model "$m/r18.onnx" --streams 1,2,4,8 --device "${DEVICE:-cuda}" "${source[@]}" \
+        --json "$out/h200-streams.json" 2>&1 | tee "$out/h200-streams.log"
+    stamp "$out/h200-streams.json"
+}
+
+families() {
+    local frames=${1:-300} arch
+    setup
+    [ ${#source[@]} -gt 0 ] || { echo "device-bench: families needs the carried video (.devcarry1)" >&2; exit 1; }
+    for arch in ${ARCHS:-mobilenet_v3_large convnext_tiny swin_t vit_b_16}; do
+        # One family failing (its export, or CUDA) is logged and the next one goes on.
+        { $cam export --arch "$arch" --weights none --output "$m/$arch.onnx" &&
+          $cam run --model "$m/$arch.onnx" --device "${DEVICE:-cuda}" --method gradcam "${source[@]}" \
+              --output "$STAGE/$arch-gradcam.mp4" --no-display --max-frames "$frames"; } >"$out/$arch.log" 2>&1 ||
+            echo "device-bench: $arch failed (exit $?), see $arch.log" | tee -a "$out/$arch.log"
+        tail -n 3 "$out/$arch.log"
+    done
 }
 
 case "${1:-}" in
     pack) pack ;;
     unpack) unpack "${2:?part index}" "${3:?part count}" ;;
     bench) bench "${2:-500}" ;;
-    *) sed -n '2,13p' "$0"; exit 2 ;;
+    streams) streams ;;
+    families) families "${2:-300}" ;;
+    *) sed -n '2,16p' "$0"; exit 2 ;;
 esac
