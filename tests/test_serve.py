@@ -128,12 +128,47 @@ def test_a_control_keeps_what_the_user_set_while_the_change_is_on_its_way(served
         page.wait_for_timeout(700)
         assert page.is_checked("#box-1")
         page.unroute("**/api/streams/1/view")
+        # Two changes, the first one's answer (the box still off then) held back and shown last: it does not
+        # untick the box either.
+        post(server.url + "api/streams/1/view", {"box": False})
+        page.wait_for_function("!document.getElementById('box-1').checked")
+        answers = []
+
+        def hold_the_methods_answer(route):
+            if "method" in (route.request.post_data or ""):
+                answers.append((route, route.fetch()))  # the server has it; the page gets its answer later
+            else:
+                route.continue_()
+
+        page.route("**/api/streams/1/view", hold_the_methods_answer)
+        page.select_option("#method-1", "gradcam")
+        for _ in range(200):  # Playwright calls the route's handler only while the page is waited on
+            if answers:
+                break
+            page.wait_for_timeout(50)
+        assert not answers[0][1].json()["view"]["show_box"]
+        page.click("#box-1")
+        wait_until(lambda: streams(server)[1]["view"]["show_box"], what="the box's change to reach the stream")
+        page.wait_for_timeout(200)  # its answer shown
+        assert page.is_checked("#box-1")
+        route, answer = answers[0]
+        route.fulfill(response=answer)
+        seen = page.evaluate("""async () => {  // the box, every 20 ms for 0.4 s after that answer
+            const seen = [];
+            for (let i = 0; i < 20; i++) {
+                seen.push(document.getElementById('box-1').checked);
+                await new Promise((done) => setTimeout(done, 20));
+            }
+            return seen;
+        }""")
+        assert all(seen), seen
+        page.unroute("**/api/streams/1/view")
         # A change made elsewhere (another page, a program) still shows on this page.
         post(server.url + "api/streams/1/view", {"box": False})
         page.wait_for_function("!document.getElementById('box-1').checked")
     finally:
         page.close()
-        post(server.url + "api/streams/1/view", {"box": False})
+        post(server.url + "api/streams/1/view", {"box": False, "method": "cam"})
 
 
 @needs_browser
