@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--source", action="append", default=None,
                      help="webcam index, video file, image file, or a URL OpenCV opens (rtsp://, http://); "
                           "repeat it (or give a .txt file listing webcams and URLs, one per line) to explain "
-                          "several live streams in one batched session; a folder, a quoted glob or a .txt list of "
+                          "several live streams at once, their frames batched together; a folder, a quoted glob or a .txt list of "
                           "files is a collection: every frame of each file into the --output folder (default: 0)")
     run.add_argument("--reconnect", type=non_negative_int, default=3, metavar="N",
                      help="live sources: reopen a camera or stream that stops, up to N times with backoff")

@@ -275,7 +275,8 @@ class Stream:
 
 
 # ----------------------------------------------------------------------------- inference lanes
-# Each lane holds the model in a session of its own: at most this many copies in memory.
+# Each lane holds the model in a session of its own: at most this many copies in memory, besides the one the
+# loop was given (the render thread's, for a second run when a pinned class needs its gradient).
 MAX_LANES = 4
 
 
@@ -316,7 +317,7 @@ class StreamsResult:
 
 
 class MultiStream:
-    """N streams, one batching inference thread and one render thread. A context manager: leaving it stops
+    """N streams, batching inference thread(s) and one render thread. A context manager: leaving it stops
     the threads and closes every source.
 
     Args:

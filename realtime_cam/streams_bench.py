@@ -1,4 +1,4 @@
-"""``bench --streams 1,2,4,8``: how explaining several live streams in one batched session scales.
+"""``bench --streams 1,2,4,8``: how explaining several live streams at once, their frames batched, scales.
 
 For each stream count N, N streams are fed from frames in memory, each as a camera faster than the model: a
 fresh frame (its capture time: now) is ready as soon as the previous one was taken. The streams run through

@@ -38,7 +38,7 @@ def add_serve_parser(sub: argparse._SubParsersAction, run: argparse.ArgumentPars
     serve = sub.add_parser(
         "serve", formatter_class=fmt,
         help="explain one or more live streams and show them in a web browser (MJPEG, JSON, controls)",
-        description="Explain every --source in one batched session and serve a page that shows each one live, "
+        description="Explain every --source in one process, their frames batched together, and serve a page that shows each one live, "
                     "with controls per stream (pin a class, method, box, alpha, pause, snapshot), and a JSON "
                     "endpoint (/api/streams) with each stream's current prediction. Video files play at their own "
                     "frame rate. Ctrl-C stops it.",

@@ -111,8 +111,9 @@ def format_collection_table(report: dict) -> str:
     for r in report["results"]:
         lines.append(f"{r['runner']:<14} {r['seconds']:>8.2f} {r['files_per_s']:>8.2f} {r['frames_per_s']:>9.1f}")
     if "ray_startup_s" in report:
-        lines.append(f"Ray start-up {report['ray_startup_s']:.2f} s, and Ray Data's first run (one file, its own "
-                     f"actors starting) {report['ray_data_first_run_s']:.2f} s (neither in the rows above)")
+        lines.append(f"Ray start-up {report['ray_startup_s']:.2f} s, and Ray Data's first run (one file: a worker, "
+                     f"its model and Ray Data's own actors starting) {report['ray_data_first_run_s']:.2f} s (neither "
+                     "in the rows above)")
     if "ray_overhead_per_file_s" in report:
         lines.append(f"Ray with 1 worker vs in-process: {report['ray_overhead_fixed_s']:+.2f} s per run (worker "
                      f"process, model, dataset) and {report['ray_overhead_per_file_s'] * 1000:+.0f} ms per file")
