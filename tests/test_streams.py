@@ -485,5 +485,5 @@ def test_bench_streams_reports_total_fps_latency_and_batches(tmp_path, tiny_onnx
     # 4 streams run in two inference threads of two streams each; the same 4 in one thread are measured too.
     assert (four["streams"], four["inference_threads"], four_in_one["streams"], four_in_one["inference_threads"]) \
         == (4, 2, 4, 1)
-    assert 1.5 < four["mean_batch"] <= 2 and four_in_one["mean_batch"] > 2.5
+    assert four["mean_batch"] <= 2 < four_in_one["mean_batch"]  # a lane batches its own two streams only
     assert four_in_one["vs_one_stream"] > 0 and len(four_in_one["fps_total_per_round"]) == 3
