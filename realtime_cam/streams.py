@@ -84,10 +84,13 @@ class LiveFile(FrameSource):
                     if not self._buffer.put(Frame(index, frame.image_bgr, time.perf_counter(), frame.time_s)):
                         return
                     index += 1
-                if not self._loop or self._reopen is None:
-                    return
+                if not self._loop or self._reopen is None or self._stop.is_set():
+                    return  # closed: the file is not opened again just to be closed
                 self._source.close()
                 self._source = self._reopen()
+                if self._stop.is_set():  # closed while it reopened: close() closed the previous one
+                    self._source.close()
+                    return
         except BaseException as exc:  # surfaces in the consumer through the buffer
             error = exc
         finally:

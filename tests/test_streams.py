@@ -8,6 +8,7 @@ import logging
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -25,9 +26,11 @@ from realtime_cam.model import CamModel
 from realtime_cam.mosaic import SELECTED_COLOR, Tile, grid_shape, mosaic, tile_cell
 from realtime_cam.providers import CPU
 from realtime_cam.sinks import Sink
+from realtime_cam.sources import FrameSource
 from realtime_cam.streams import LiveFile, MultiStream, inference_lanes, open_live, read_source_list, stream_name
 from realtime_cam.streams_bench import DemandFeed
 from realtime_cam.streams_cli import _serve_mosaic, stream_specs
+from realtime_cam.types import Frame
 from realtime_cam.view import (
     KEY_ESC,
     KEY_HELP,
@@ -201,6 +204,34 @@ def test_a_video_file_plays_live_at_its_own_rate_and_can_loop():
         second = next(frames)
         assert second.index - first.index >= 2 and second.captured_at > first.captured_at
     assert source.fps == pytest.approx(12.5)
+
+
+class FileUntilClosed(FrameSource):
+    """A file source whose reading is under way when it is closed (one frame, then it waits for close())."""
+
+    kind = "video"
+    live = False
+
+    def __init__(self):
+        super().__init__("clip.mp4")
+        self.fps, self.size_wh = 25.0, (64, 48)
+        self.closed = threading.Event()
+
+    def __iter__(self):
+        yield Frame(0, np.zeros((48, 64, 3), np.uint8), time.perf_counter(), 0.0)
+        self.closed.wait(10)
+
+    def close(self):
+        self.closed.set()
+
+
+def test_a_looping_file_closed_mid_read_is_not_opened_again():
+    opened = []
+    source = LiveFile(FileUntilClosed(), loop=True, reopen=lambda: opened.append(FileUntilClosed()) or opened[-1])
+    frames = iter(source)
+    next(frames)
+    source.close()
+    assert opened == [] and not source._thread.is_alive()
 
 
 def test_source_lists_and_names(tmp_path):
