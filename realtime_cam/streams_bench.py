@@ -68,16 +68,22 @@ class DemandFeed(FrameSource):
         self._stop.set()
 
 
+def feed_on_demand(feeds: Sequence[DemandFeed], multi: MultiStream) -> None:
+    """Each feed makes its next frame once its stream's slot has given up the last one (the slots exist only
+    once the loop does)."""
+    for feed, stream in zip(feeds, multi.streams):
+        feed.slot = stream.slot
+        with stream.slot._cond:
+            stream.slot._cond.notify_all()
+
+
 def bench_streams(model: CamModel, frames: Sequence[np.ndarray], count: int, measured: int, warmup: int,
                   batch_timeout_s: float, options: RunOptions, lanes: int | None = None) -> dict:
     """N streams for ``warmup`` + ``measured`` explained frames in all; the figures cover the measured ones.
     ``lanes``: the loop's inference threads (None: what ``run`` and ``serve`` choose)."""
     feeds = [DemandFeed(f"stream {i}", frames, offset=i * 7) for i in range(count)]
     with MultiStream(model, feeds, options=options, batch_timeout_s=batch_timeout_s, lanes=lanes) as multi:
-        for feed, stream in zip(feeds, multi.streams):
-            feed.slot = stream.slot
-            with stream.slot._cond:
-                stream.slot._cond.notify_all()
+        feed_on_demand(feeds, multi)
 
         def total() -> int:
             return sum(s.rate.done for s in multi.streams)

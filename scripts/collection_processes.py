@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 CHILD = r"""
@@ -45,9 +44,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = {"commit": commit, "load_average_at_start": os.getloadavg(), "cpu_count": os.cpu_count(),
               "model": model, "folder": folder}
-    with tempfile.TemporaryDirectory():
-        report["one"] = run(model, folder, 1)
-        report["side_by_side"] = run(model, folder, parts)
+    report["one"] = run(model, folder, 1)
+    report["side_by_side"] = run(model, folder, parts)
     report["speedup"] = report["one"]["seconds"] / report["side_by_side"]["seconds"]
     print(json.dumps(report, indent=1))
 

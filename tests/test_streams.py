@@ -28,7 +28,7 @@ from realtime_cam.providers import CPU
 from realtime_cam.sinks import Sink
 from realtime_cam.sources import FrameSource
 from realtime_cam.streams import LiveFile, MultiStream, inference_lanes, open_live, read_source_list, stream_name
-from realtime_cam.streams_bench import DemandFeed
+from realtime_cam.streams_bench import DemandFeed, feed_on_demand
 from realtime_cam.streams_cli import _serve_mosaic, stream_specs
 from realtime_cam.types import Frame
 from realtime_cam.view import (
@@ -82,12 +82,11 @@ def test_streams_are_shared_among_inference_threads_only_on_a_cpu_with_two_strea
 def in_memory_feeds(n, frames=12):
     rng = np.random.default_rng(0)
     pictures = [rng.integers(0, 256, (96, 128, 3), np.uint8) for _ in range(frames)]
-    feeds = [DemandFeed(f"feed {i}", pictures, offset=3 * i) for i in range(n)]
-    return feeds, pictures
+    return [DemandFeed(f"feed {i}", pictures, offset=3 * i) for i in range(n)]
 
 
 def test_two_inference_threads_explain_each_stream_in_order_as_the_model_alone_does(tiny_model, monkeypatch):
-    feeds, pictures = in_memory_feeds(4)
+    feeds = in_memory_feeds(4)
     drawn = []
     render = MultiStream._render
 
@@ -97,8 +96,7 @@ def test_two_inference_threads_explain_each_stream_in_order_as_the_model_alone_d
 
     monkeypatch.setattr(MultiStream, "_render", recording_render)
     with MultiStream(tiny_model, feeds, lanes=2, batch_timeout_s=0.05) as multi:
-        for feed, stream in zip(feeds, multi.streams):
-            feed.slot = stream.slot
+        feed_on_demand(feeds, multi)
         lane_a, lane_b = multi.lanes
         assert [s.id for s in lane_a.streams] == [0, 2] and [s.id for s in lane_b.streams] == [1, 3]
         assert len({id(tiny_model), id(lane_a.model), id(lane_b.model)}) == 3  # a session of its own each
@@ -116,11 +114,10 @@ def test_two_inference_threads_explain_each_stream_in_order_as_the_model_alone_d
 
 
 def test_a_failing_inference_thread_ends_every_stream_with_its_error(tiny_model, caplog):
-    feeds, _ = in_memory_feeds(4)
+    feeds = in_memory_feeds(4)
     with caplog.at_level(logging.ERROR, logger="realtime_cam"), \
             MultiStream(tiny_model, feeds, lanes=2, batch_timeout_s=0.05) as multi:
-        for feed, stream in zip(feeds, multi.streams):
-            feed.slot = stream.slot
+        feed_on_demand(feeds, multi)
 
         def broken(*args, **kwargs):
             raise RuntimeError("out of memory")
