@@ -395,6 +395,29 @@ def test_run_with_two_sources_writes_one_recording_per_stream(tmp_path, tiny_onn
 
 
 @needs_shared
+def test_run_with_four_real_videos_explains_them_in_two_inference_threads(tmp_path, mnv2_int8_onnx, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setattr(streams, "usable_cores", lambda: 2)  # as on this 2-core machine, whatever CI runs on
+    out = tmp_path / "recordings"
+    videos = [BOTTLE, CAR, PEOPLE, BOTTLE]
+    code = main(["run", "--model", str(mnv2_int8_onnx), *[a for v in videos for a in ("--source", str(shared(*v)))],
+                 "--no-display", "--max-frames", "10", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "4 streams, batched (at most 2 per inference call) in 2 inference threads side by side" in err
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == ["00-bottle-detection.mp4", "01-car-detection.mp4", "02-vtest.mp4",
+                                       "03-bottle-detection.mp4"]
+    for path in files:
+        assert f"wrote {path} (" in err
+        cap = cv2.VideoCapture(str(path))
+        assert cap.read()[0]
+        cap.release()
+    # Each stream is its own, with its own summary, the same video given twice too.
+    assert err.count("bottle-detection.mp4: 10 frames") == 1 and "bottle-detection.mp4 (2): 10 frames" in err
+
+
+@needs_shared
 def test_run_with_several_sources_refuses_an_output_file(tmp_path, tiny_onnx, capsys):
     target = tmp_path / "out.mp4"
     target.write_bytes(b"x")
