@@ -449,11 +449,14 @@ def test_the_window_shows_a_mosaic_its_keys_act_on_the_selected_stream_and_q_qui
     one, two = snaps / "00-bottle-detection", snaps / "01-car-detection"
     try:
         window = wait_for_window(display, "realtime-cam: 2 streams")
+        # Stream 1 is selected at the start (waited for: a window mapped can still be black for a while; CI once
+        # took its screenshot 1.5 s after the window appeared, all black).
+        wait_until(lambda: marked_tiles(screenshot(display, tmp_path / "shot.png")) == [0], what="tile 1 marked")
         time.sleep(1.5)  # let the tiles paint
         shot = screenshot(display, tmp_path / "shot.png")
         geometry = subprocess.run(["xdotool", "getwindowgeometry", window], env=display, capture_output=True,
                                   text=True).stdout
-        assert marked_tiles(shot) == [0]  # stream 1 is selected at the start
+        assert marked_tiles(shot) == [0]
         press(display, window, "2")
         wait_until(lambda: marked_tiles(screenshot(display, tmp_path / "shot2.png")) == [1], what="tile 2 marked")
         press(display, window, "m")  # stream 2's method
